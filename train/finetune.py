@@ -14,9 +14,7 @@ import logging
 import math
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +26,7 @@ from ulmrec.config import parse_config
 from ulmrec.data import load_dataset
 from ulmrec.metrics import metrics_from_ranks, target_ranks
 from ulmrec.model import collate, encode, response_loss, score_examples
-from ulmrec.paths import atomic_write, runs_root
+from ulmrec.paths import atomic_dir, atomic_write, runs_root
 from ulmrec.ranker import RankerConfig, build_ranker, load_candidates, load_task_inputs
 from ulmrec.tasks import TaskConfig, eval_examples, task_counts, training_examples
 
@@ -67,22 +65,6 @@ def _atomic_json(path: Path, data) -> None:
     atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=1, default=str)))
 
 
-def _save_dir(save, target: Path) -> None:
-    """Fill a temp sibling folder, then swap it in: a crash never leaves half a folder."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        save(tmp)
-        old = target.with_name(target.name + ".old")
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def validate(model, tok, examples, cfg) -> dict:
     """Verbalizer metrics on the validation sample (Rank view: targets are all retrieved)."""
     if not examples:
@@ -111,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     examples = training_examples(inp, cfg)
     cap = cfg.max_train_examples
     if cfg.max_steps:  # no need to tokenize examples the run will never reach
-        need = cfg.max_steps * cfg.batch_size * cfg.grad_accum * int(os.environ.get("WORLD_SIZE", 1))
+        need = cfg.max_steps * cfg.batch_size * cfg.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
         cap = min(cap, need) if cap else need
     if cap:
         examples = examples[:cap]
@@ -172,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.save(sched.state_dict(), tmp / "scheduler.pt")
             (tmp / "state.json").write_text(json.dumps(state, indent=1))
         if acc.is_main_process:
-            _save_dir(write, ckpt)
+            atomic_dir(ckpt, write)
 
     def save_adapter(name: str):
         if acc.is_main_process:
@@ -182,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 acc.unwrap_model(model).save_pretrained(tmp, save_embedding_layers=False)
                 tok.save_pretrained(tmp)
                 (tmp / "ulmrec_config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
-            _save_dir(write, out / name)
+            atomic_dir(out / name, write)
 
     model.train()
     bar = tqdm(total=total_steps, initial=state["step"], desc="finetune",

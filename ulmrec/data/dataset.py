@@ -11,17 +11,15 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from ..paths import atomic_dir, cache_root
 from .amazon import DataError, item_titles, read_meta, read_reviews
 from .process import build_split
 from .release import read_release
-from ..paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +78,7 @@ class Dataset:
 
     def sequences(self, upto: str = "train") -> pd.Series:
         """user → chronological item list of the splits up to and including `upto`."""
-        keep = {"train": ["train"], "val": ["train", "val"], "test": list(("train", "val", "test"))}
+        keep = {"train": ["train"], "val": ["train", "val"], "test": ["train", "val", "test"]}
         df = self.interactions[self.interactions["split"].isin(keep[upto])]
         return df.sort_values(["user", "position"]).groupby("user")["item"].agg(list)
 
@@ -206,19 +204,11 @@ def load_dataset(cfg: DataConfig | str) -> Dataset:
 
 
 def _write_cache(ds: Dataset, cache_dir: Path) -> None:
-    """Write into a temporary sibling folder, then rename: never a half-written cache."""
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=cache_dir.name + ".", dir=cache_dir.parent))
-    try:
+    def fill(tmp: Path) -> None:
         for table in ("users", "items", "interactions"):
             getattr(ds, table).to_parquet(tmp / f"{table}.parquet", index=False)
         (tmp / "info.json").write_text(json.dumps(ds.info, indent=1, default=str))
-        if cache_dir.exists():
-            shutil.rmtree(cache_dir)
-        os.replace(tmp, cache_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    atomic_dir(cache_dir, fill)
 
 
 def _read_cache(name: str, cache_dir: Path) -> Dataset:

@@ -1,0 +1,118 @@
+"""Export → load round trip on a tiny random Llama over the real gift-cards data."""
+import json
+
+import numpy as np
+import pytest
+
+from train import evaluate, export, finetune
+from ulmrec.bundle import BundleError, load_bundle, verify_bundle
+from ulmrec.data import load_dataset
+from ulmrec.model import score_examples
+from ulmrec.ranker import load_candidates, load_ranker, load_task_inputs
+from ulmrec.tasks import eval_examples
+
+ARGS = ["--dataset", "gift-cards", "--tiny-backbone", "--retriever", "random", "--index-kind", "oid",
+        "--preference-source", "extractive", "--max-history", "3", "--max-title-words", "4",
+        "--max-len", "256"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-step run, its evaluation, and two bundles (with and without data)."""
+    root = tmp_path_factory.mktemp("bundle")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ULMREC_RUNS", str(root / "runs"))
+    from ulmrec.preferences.run import PreferenceConfig, extract, make_backend
+    ds = load_dataset("gift-cards")
+    pcfg = PreferenceConfig(dataset="gift-cards", backend="extractive")
+    extract(ds, make_backend(pcfg, ds), pcfg)
+    assert finetune.main(ARGS + ["--run-name", "t", "--max-steps", "2", "--eval-every", "2",
+                                 "--batch-size", "2", "--eval-users", "4", "--lora-dropout", "0",
+                                 "--learning-rate", "0.01", "--warmup-steps", "0"]) == 0
+    assert evaluate.main(ARGS + ["--runs", "t", "--baselines", "retriever", "--max-users", "12",
+                                 "--results-dir", str(root / "results")]) == 0
+    common = ["--dataset", "gift-cards", "--run-name", "t", "--results-dir", str(root / "results")]
+    assert export.main(common + ["--out", str(root / "full")]) == 0
+    assert export.main(common + ["--out", str(root / "lean"), "--no-include-data"]) == 0
+    yield root
+    mp.undo()
+
+
+def _reference_scores(root, users):
+    """Scores straight from the run folder, before export."""
+    cfg = finetune.FinetuneConfig(tiny_backbone=True, retriever="random", index_kind="oid",
+                                  preference_source="extractive", max_history=3, max_title_words=4,
+                                  max_len=256)
+    ds = load_dataset("gift-cards")
+    model, tok = load_ranker(root / "runs" / "gift-cards" / "finetune" / "t" / "best", cfg)
+    inp, _ = load_task_inputs(ds, cfg)
+    exs, _ = eval_examples(ds, inp, load_candidates(ds, cfg, "test"), "test", cfg, users)
+    return exs, score_examples(model, tok, exs, "chat", 256, 4, progress=False)[0].numpy()
+
+
+@pytest.mark.parametrize("name", ["full", "lean"])
+def test_loaded_bundle_scores_like_the_run(trained, name):
+    bundle = load_bundle(trained / name)
+    assert bundle.manifest["includes_data"] == (name == "full")
+    assert bundle.manifest["dataset"]["name"] == "gift-cards"
+    users = bundle.candidates.query("split == 'test'")["user"].head(6).tolist()
+    exs, ref = _reference_scores(trained, users)
+    assert [e.user for e in exs] == [u for u in users if u in {e.user for e in exs}]
+    ranked = bundle.rank([e.user for e in exs], batch_size=3)
+    got = np.stack([r["score"].to_numpy() for r in ranked])
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    first = ranked[0]
+    assert list(first["letter"]) == list("ABCDEFGHIJKLMNOPQRST")
+    assert first["prob"].sum() == pytest.approx(1.0, abs=1e-4)
+    assert first["is_target"].sum() == 1           # random candidates always hold the target
+    assert sorted(first["llm_rank"]) == list(range(1, 21))
+
+
+def test_bundle_files_and_card(trained):
+    full, lean = trained / "full", trained / "lean"
+    assert (full / "items.parquet").exists() and not (lean / "items.parquet").exists()
+    card = (full / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: peft" in card and "model-index" in card
+    metrics = json.loads((full / "metrics.json").read_text())
+    assert f"{metrics['results']['t']['rank']['NDCG@10']:.4f}" in card
+    manifest = verify_bundle(full)
+    assert manifest["backbone"]["id"] == "tiny-random-llama"
+    assert set(manifest["files"]) >= {"adapter_model.safetensors", "user_index.parquet", "README.md"}
+    # a data-less bundle holds no titles, reviews or preference texts
+    lean_text = b"".join(p.read_bytes() for p in lean.iterdir() if p.suffix == ".parquet")
+    ds = load_dataset("gift-cards")
+    assert ds.items["title"].iloc[0].encode() not in lean_text
+
+
+def test_partial_or_corrupt_bundle_names_the_file(trained, tmp_path):
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(trained / "full", broken)
+    (broken / "adapter_model.safetensors").unlink()
+    with pytest.raises(BundleError, match="adapter_model.safetensors"):
+        load_bundle(broken)
+    shutil.copy2(trained / "full" / "adapter_model.safetensors", broken)
+    with (broken / "user_index.parquet").open("r+b") as f:
+        f.seek(10)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(BundleError, match="user_index.parquet.*corrupt"):
+        load_bundle(broken)
+    with pytest.raises(BundleError, match="no such bundle"):
+        load_bundle(tmp_path / "nothing-here")
+
+
+def test_data_less_bundle_says_where_the_data_goes(trained, tmp_path, monkeypatch):
+    monkeypatch.setenv("ULMREC_DATA", str(tmp_path / "empty"))
+    with pytest.raises(BundleError, match="ULMREC_DATA"):
+        load_bundle(trained / "lean")
+    load_bundle(trained / "full")  # a bundle with its data needs no dataset
+
+
+def test_unknown_user_and_bad_prefix(trained):
+    bundle = load_bundle(trained / "full")
+    with pytest.raises(KeyError, match="unknown user"):
+        bundle.user_row("NOT-A-USER")
+    rid = bundle.users["reviewerID"].iloc[0]
+    assert int(bundle.user_row(rid)["user"]) == int(bundle.users["user"].iloc[0])
+    with pytest.raises(ValueError, match="index"):
+        bundle.decode("<b_3><a_1>")

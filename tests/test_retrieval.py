@@ -118,8 +118,8 @@ def test_metrics_file_written(trained):
 def test_candidates_exclude_history_and_match_metrics(trained, gift_cards):
     cfg, report, out = trained
     cands = pd.read_parquet(out / "candidates.parquet")
-    assert set(cands["split"]) == {"val", "test"}
-    for split in ("val", "test"):
+    assert set(cands["split"]) == {"train", "val", "test"}
+    for split in ("train", "val", "test"):
         part = cands[cands["split"] == split].set_index("user")
         users, hist, targets = eval_histories(gift_cards, split)
         assert sorted(part.index) == sorted(users.tolist())
@@ -132,9 +132,10 @@ def test_candidates_exclude_history_and_match_metrics(trained, gift_cards):
             s = np.asarray(row["scores"])
             assert np.all(np.isfinite(s)) and np.all(np.diff(s) <= 0)
             assert row["target"] == t and row["target_in_candidates"] == (t in c)
-        assert part["target_in_candidates"].mean() == pytest.approx(report[split]["candidates_Recall@20"])
+        m = report["train_fit" if split == "train" else split]
+        assert part["target_in_candidates"].mean() == pytest.approx(m["candidates_Recall@20"])
         # full-ranking Recall@20 and the list's recall agree up to ties
-        assert abs(report[split]["Recall@20"] - report[split]["candidates_Recall@20"]) < 0.01
+        assert abs(m["Recall@20"] - m["candidates_Recall@20"]) < 0.01
 
 
 def test_resume_after_interruption_continues_identically(trained, tmp_path):
@@ -169,7 +170,8 @@ def test_sasrec_trains_and_exports(tmp_path, gift_cards):
     report = run(cfg)
     assert report["model"] == "sasrec" and report["epochs_trained"] == 2
     cands = pd.read_parquet(tmp_path / "candidates.parquet")
-    assert len(cands) == 2 * gift_cards.num_users
+    n_train = int((gift_cards.sequences("train").map(len) >= 2).sum())
+    assert len(cands) == 2 * gift_cards.num_users + n_train
 
 
 def test_bad_input_is_reported(gift_cards):
@@ -178,4 +180,4 @@ def test_bad_input_is_reported(gift_cards):
     with pytest.raises(ValueError, match="best_metric"):
         run(RetrievalConfig(best_metric="AUC"))
     with pytest.raises(ValueError, match="split"):
-        eval_histories(gift_cards, "train")
+        eval_histories(gift_cards, "all")

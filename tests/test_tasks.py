@@ -153,3 +153,37 @@ def test_response_loss_equals_full_loss_on_response_tokens(tokenizer, inputs):
     batch = collate([encode(tok, e, "chat", 512) for e in exs], tok.pad_token_id)
     full = model(**batch).loss                       # transformers' loss over every position
     assert response_loss(model, batch).item() == pytest.approx(full.item(), rel=1e-5)
+
+
+def test_retriever_training_candidates_are_hard_and_leak_free(gift_cards, inputs):
+    """train_candidates=retriever: the last training prefix gets the retriever's list in its
+    order where that list holds the target; other prefixes and misses stay random."""
+    import pandas as pd
+    train = gift_cards.sequences("train")
+    val, test = gift_cards.targets("val"), gift_cards.targets("test")
+    users = [u for u, s in train.items() if len(s) >= 3][:40]
+    retrieved = {}
+    for k, u in enumerate(users):
+        seq = train[u]
+        pool = [i for i in range(1, gift_cards.num_items + 1)
+                if i not in set(seq) | {int(val[u]), int(test[u])}][:19]
+        # half the users: target at position k % 20; the other half: a list without it
+        retrieved[u] = pool[: k % 20] + [seq[-1]] + pool[k % 20:] if k % 2 == 0 else pool + [pool[0] + 0]
+    inp = replace(inputs, retrieved=pd.Series(retrieved))
+    cfg = TaskConfig(tasks=("next_item",), task_ratio=(1.0,), train_candidates="retriever")
+    examples = training_examples(inp, cfg)
+    last = {e.user: e for e in examples if e.target == train[e.user][-1] and e.user in retrieved}
+    for k, u in enumerate(users):
+        ex = last[u]
+        if k % 2 == 0:
+            assert ex.candidates == retrieved[u]                 # retriever order kept
+            assert ex.response == LETTERS[k % 20]
+        else:
+            assert ex.candidates != retrieved[u] and ex.target in ex.candidates   # random fallback
+        assert not {int(val[u]), int(test[u])} & set(ex.candidates)
+    with pytest.raises(ValueError, match="retriever"):
+        from ulmrec.bundle import ServeConfig
+        from ulmrec.ranker import load_task_inputs
+        load_task_inputs(gift_cards, ServeConfig(index_kind="none", retriever="random",
+                                                 preference_source="none",
+                                                 train_candidates="retriever"))

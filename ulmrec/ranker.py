@@ -79,6 +79,19 @@ def load_task_inputs(ds, cfg) -> tuple[TaskInputs, list[str]]:
     prefs, pref_notes = load_preference_series(ds, cfg.preference_source)
     notes += pref_notes
     inp = task_inputs(ds, index, prefs, cfg.max_title_words)
+    if getattr(cfg, "train_candidates", "random") == "retriever":
+        if cfg.retriever == "random":
+            raise ValueError("train_candidates 'retriever' needs a retriever run, not retriever 'random'")
+        frame = load_candidates(ds, cfg, "train")
+        if frame.empty:
+            raise ValueError(f"{ds.name}: the '{cfg.retriever}' candidates have no train rows (made "
+                             f"before they were exported); rerun `python -m train.retrieve --dataset "
+                             f"{ds.name} --model {cfg.retriever}` to re-export them")
+        inp.retrieved = frame.set_index("user")["candidates"]
+        held = frame["target_in_candidates"].mean()
+        notes.append(f"next-item training candidates: the retriever's top-{cfg.num_candidates} for "
+                     f"the last training item where it holds the target ({held:.1%} of users), "
+                     "random elsewhere")
     if inp.ratings is None and "rating" in cfg.tasks:
         notes.append("rating task skipped: this dataset has no ratings")
     return inp, notes

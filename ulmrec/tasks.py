@@ -34,6 +34,11 @@ class TaskConfig:
     num_candidates: int = field(default=20, metadata={"help": "candidates per prompt (≤ 20)"})
     max_prefixes_per_user: int = field(default=0, metadata={
         "help": "next-item training prefixes per user, most recent first (0 = all)"})
+    train_candidates: str = field(default="random", metadata={
+        "help": "next-item training candidates: random (target + 19 random items) or retriever "
+                "(the retriever's top-20 for the last training item, in retriever order, where "
+                "it holds the target: the hard lists test prompts have, as LlamaRec trains)",
+        "choices": ("random", "retriever")})
     no_history: bool = field(default=False, metadata={
         "help": "ULMRec-uid: next-item prompts show the index and candidates only"})
     seed: int = 42
@@ -62,6 +67,8 @@ class TaskInputs:
     # user → every item of the full sequence: never drawn as a random negative, so a held-out
     # item is not shown to the model as a wrong answer (it is never shown as a right one either)
     seen: pd.Series | None = None
+    # user → the retriever's top-20 for the last training item (train_candidates=retriever)
+    retrieved: pd.Series | None = None
 
 
 def user_index_strings(ds, kind: str, pid_table: pd.DataFrame | None = None) -> pd.Series | None:
@@ -115,6 +122,14 @@ def _seen(inp: TaskInputs, user: int, history: list[int]) -> set[int]:
     return set(history) | (inp.seen[user] if inp.seen is not None else set())
 
 
+def _retrieved(inp: TaskInputs, user: int, target: int, n: int) -> list[int] | None:
+    """The retriever's top-n for the user's last training item, if it holds the target."""
+    if inp.retrieved is None or user not in inp.retrieved.index:
+        return None
+    cands = [int(i) for i in inp.retrieved[user]][:n]
+    return cands if target in cands else None
+
+
 def _index_line(inp: TaskInputs, user: int) -> str | None:
     if inp.index is None:
         return None
@@ -155,8 +170,9 @@ def training_examples(inp: TaskInputs, cfg: TaskConfig) -> list[Example]:
                 ends = list(ends)[: cfg.max_prefixes_per_user]
             for end in ends:
                 target, history = seq[end], seq[:end]
-                cands = _sample_candidates(rng, target, _seen(inp, user, history), inp.num_items,
-                                           cfg.num_candidates)
+                hard = _retrieved(inp, user, target, cfg.num_candidates) if end == len(seq) - 1 else None
+                cands = hard or _sample_candidates(
+                    rng, target, _seen(inp, user, history), inp.num_items, cfg.num_candidates)
                 pools["next_item"].append(
                     next_item_example(inp, user, history, cands, target, cfg, rng))
         pref = inp.preference.get(user) if inp.preference is not None else None

@@ -60,12 +60,18 @@ def collate(windows: list[list[int]], idx: list[int]) -> tuple[torch.Tensor, tor
 
 
 def eval_histories(ds, split: str) -> tuple[np.ndarray, list[list[int]], np.ndarray]:
-    """(users [U], histories, targets [U]) for 'val' (history = train part) or 'test'
-    (history = train + val part)."""
-    if split not in ("val", "test"):
-        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
-    hist = ds.sequences("train" if split == "val" else "val")
-    targets = ds.targets(split)
+    """(users [U], histories, targets [U]) for 'val' (history = train part), 'test'
+    (history = train + val part) or 'train' (the last training item from the ones before
+    it: the ranker's hard training candidates, as LlamaRec trains)."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    if split == "train":
+        seqs = ds.sequences("train")
+        seqs = seqs[seqs.map(len) >= 2]
+        hist, targets = seqs.map(lambda s: s[:-1]), seqs.map(lambda s: s[-1])
+    else:
+        hist = ds.sequences("train" if split == "val" else "val")
+        targets = ds.targets(split)
     users = np.array(sorted(set(hist.index) & set(targets.index)), dtype=np.int64)
     if len(users) == 0:
         raise ValueError(f"{ds.name}: no user has both a history and a {split} target")

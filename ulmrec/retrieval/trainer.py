@@ -234,10 +234,12 @@ def run(cfg: RetrievalConfig, on_epoch_end: Callable[[int, dict], None] | None =
 
 
 def export(cfg: RetrievalConfig, ds, out: Path, state: dict, device) -> dict:
-    """Evaluate the best checkpoint on val and test; write candidates.parquet and metrics.json."""
+    """Evaluate the best checkpoint on val and test; write candidates.parquet (train, val and
+    test rows) and metrics.json. Train rows are the ranker's hard training candidates; the
+    model has seen those targets, so their metrics are reported apart and never as quality."""
     model, _ = load_retriever(out, device)
     frames, metrics = [], {}
-    for split in ("val", "test"):
+    for split in ("train", "val", "test"):
         users, hist, targets = eval_histories(ds, split)
         res = full_rank(model, hist, targets, cfg.max_len, cfg.eval_batch_size, cfg.num_candidates,
                         device, desc=split)
@@ -250,7 +252,7 @@ def export(cfg: RetrievalConfig, ds, out: Path, state: dict, device) -> dict:
         "dataset": cfg.dataset, "model": cfg.model, "config": dataclasses.asdict(cfg),
         "device": str(device), "threads": torch.get_num_threads(),
         "num_parameters": sum(p.numel() for p in model.parameters()),
-        "val": metrics["val"], "test": metrics["test"],
+        "val": metrics["val"], "test": metrics["test"], "train_fit": metrics["train"],
         "ranker_ceiling": {f"{s}_Recall@{cfg.num_candidates}":
                            metrics[s][f"candidates_Recall@{cfg.num_candidates}"] for s in ("val", "test")},
         "best_epoch": state["best_epoch"], "epochs_trained": state["epoch"],

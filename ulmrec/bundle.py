@@ -19,7 +19,6 @@ A bundle without data is joined at load time with the dataset under ULMREC_DATA.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .paths import sha256_file
 from .prompts import LETTERS
 from .ranker import RankerConfig
 from .tasks import TaskConfig
@@ -44,14 +44,6 @@ DATA_FILES = ("items.parquet", "users.parquet")
 
 class BundleError(Exception):
     """A bundle that cannot be used: missing or corrupt files, wrong format."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_bundle(folder: str | Path, check_hashes: bool = True) -> dict:

@@ -1,6 +1,7 @@
 """Where the project keeps derived files: one place for every stage, the app and the tests."""
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -51,3 +52,11 @@ def atomic_dir(target: Path, fill) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..paths import atomic_dir, cache_root
+from ..paths import atomic_dir, cache_root, sha256_file
 from .amazon import DataError, item_titles, read_meta, read_reviews
 from .process import build_split
 from .release import read_release
@@ -96,14 +96,6 @@ class Dataset:
                 "sparsity": 1.0 - n / (n_u * n_i) if n_u and n_i else 1.0}
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def resolve_source(cfg: DataConfig) -> tuple[str, str, dict[str, Path | None]]:
     """(name, kind, files) for a config: a named source, a folder, or explicit files."""
     if cfg.reviews:
@@ -147,7 +139,7 @@ def fingerprint(cfg: DataConfig, kind: str, files: dict) -> str:
     settings.update(kind=kind, schema=SCHEMA_VERSION, dataset=None, reviews=None, meta=None)
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for p in _input_files(kind, files):
-        h.update(p.name.encode() + _file_digest(p).encode())
+        h.update(p.name.encode() + sha256_file(p).encode())
     return h.hexdigest()[:16]
 
 

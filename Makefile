@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test data clean
+.PHONY: setup demo test data clean browser
 
 setup: $(STAMP)
 
@@ -18,13 +18,19 @@ $(STAMP): requirements.txt requirements-models.txt requirements-dev.txt
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/python -m train.data --dataset gift-cards
+	$(BIN)/python app.py
 
 data: $(STAMP)
 	$(BIN)/python -m train.data --dataset all
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q tests
+
+# The app's browser test drives Debian's chromium (Playwright never downloads a browser).
+browser:
+	@command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || \
+		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
+		echo "chromium could not be installed: the browser test will be skipped"
 
 clean:
 	rm -rf $(VENV) cache .pytest_cache

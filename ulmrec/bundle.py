@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -165,6 +166,8 @@ class Bundle:
     notes: list[str] = field(default_factory=list)
     _model: object = field(default=None, repr=False)
     _tok: object = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _inputs: dict = field(default_factory=dict, repr=False)
 
     @property
     def dataset(self) -> str:
@@ -179,10 +182,11 @@ class Bundle:
 
     def model(self):
         """(model, tokenizer), loaded once: CUDA when present (4-bit if configured), else CPU."""
-        if self._model is None:
-            from .ranker import load_ranker
-            self._model, self._tok = load_ranker(self.root, self.ranker_config())
-        return self._model, self._tok
+        with self._lock:  # concurrent first requests must not load it twice
+            if self._model is None:
+                from .ranker import load_ranker
+                self._model, self._tok = load_ranker(self.root, self.ranker_config())
+            return self._model, self._tok
 
     def user_row(self, user: int | str) -> pd.Series:
         """A user by dense id (int or digits) or reviewerID."""
@@ -198,16 +202,22 @@ class Bundle:
         return table.loc[uid]
 
     def titles(self) -> dict[int, str]:
-        return dict(zip(self.items["item"].astype(int), self.items["title"]))
+        if "titles" not in self._inputs:
+            self._inputs["titles"] = dict(zip(self.items["item"].astype(int), self.items["title"]))
+        return self._inputs["titles"]
 
     def task_inputs(self, cfg):
+        """Prompt inputs from the bundle's tables, built once per title length."""
         from .prompts import shorten
         from .tasks import TaskInputs
-        users = self.users.set_index("user")
-        titles = {i: shorten(t, cfg.max_title_words) for i, t in self.titles().items()}
-        index = users["index"] if cfg.index_kind != "none" else None
-        return TaskInputs(titles, users["history"].map(list), None, index, users["preference"],
-                          int(self.items["item"].max()))
+        key = (cfg.max_title_words, cfg.index_kind)
+        if key not in self._inputs:
+            users = self.users.set_index("user")
+            titles = {i: shorten(t, cfg.max_title_words) for i, t in self.titles().items()}
+            index = users["index"] if cfg.index_kind != "none" else None
+            self._inputs[key] = TaskInputs(titles, users["history"].map(list), None, index,
+                                           users["preference"], int(self.items["item"].max()))
+        return self._inputs[key]
 
     def examples(self, users: list[int], split: str = "test", no_history: bool = False):
         """Next-item inference prompts for `users` over their retrieved candidates."""
@@ -248,21 +258,27 @@ class Bundle:
 
     def decode(self, index: str, max_new_tokens: int = 48) -> str:
         """Greedy index → preference text (task 2) for a full index or any prefix of it."""
+        return self.decode_many([index], max_new_tokens)[0]
+
+    def decode_many(self, indices: list[str], max_new_tokens: int = 48) -> list[str]:
+        """decode() for several indices in one left-padded generate call (a ladder's rungs)."""
         import torch
 
         from .indexing.table import parse_token_string
         from .prompts import INSTRUCTIONS, render
-        parse_token_string(index)  # raises ValueError on a malformed prefix
+        for index in indices:
+            parse_token_string(index)  # raises ValueError on a malformed prefix
         cfg = self.ranker_config()
         model, tok = self.model()
-        prompt = render(INSTRUCTIONS["index_to_pref"][0], f"User index: {index}", tok,
-                        cfg.prompt_format)
-        ids = tok(prompt, add_special_tokens=(cfg.prompt_format == "alpaca"),
-                  return_tensors="pt").to(next(model.parameters()).device)
+        prompts = [render(INSTRUCTIONS["index_to_pref"][0], f"User index: {i}", tok, cfg.prompt_format)
+                   for i in indices]
+        enc = tok(prompts, add_special_tokens=(cfg.prompt_format == "alpaca"), return_tensors="pt",
+                  padding=True, padding_side="left").to(next(model.parameters()).device)
         with torch.no_grad():
-            gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id)
-        return tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        start = enc["input_ids"].shape[1]
+        return [tok.decode(g[start:], skip_special_tokens=True).strip() for g in gen]
 
 
 def load_bundle(source: str | Path | None = None, check_hashes: bool = True) -> Bundle:

@@ -1,0 +1,133 @@
+"""Gradio app latency on a real bundle, end to end through the served app (loopback only).
+
+    python bench/app.py [--bundle /tmp/quick-bundle] [--users 20] [--ladders 3]
+
+Launches `python app.py` as a child process and measures:
+  server_ready_s  launch → the page answers HTTP 200 (bundle + model loaded before serving)
+  first_chart_s   launch → headless chromium shows the first user's ranking chart
+                  (skipped when /usr/bin/chromium is absent)
+  rank p50/p90    one user per request (batch 1) through the queue, after 2 warm-up requests
+  ladder          the 4-rung decode (<a> … full index) for one user, one request
+Prints one JSON line and one markdown table row.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))      # `python bench/app.py` from anywhere
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc, timeout: float) -> float:
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        if proc.poll() is not None:
+            raise SystemExit(f"app exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return time.perf_counter()
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit(f"{url} not up after {timeout:.0f} s")
+
+
+def first_chart(url: str) -> float | None:
+    """Time at which the first ranking chart is drawn in a headless browser."""
+    if not Path(CHROMIUM).exists():
+        return None
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_selector("#chart .ytick text", timeout=180_000)
+        t = time.perf_counter()
+        browser.close()
+    return t
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", default=os.environ.get("ULMREC_BUNDLE", str(ROOT / "assets" / "demo")))
+    ap.add_argument("--users", type=int, default=20, help="timed ranking requests")
+    ap.add_argument("--ladders", type=int, default=3, help="timed ladder requests")
+    ap.add_argument("--concurrency", type=int, default=2, help="passed to app.py")
+    ap.add_argument("--bf16", action="store_true", help="passed to app.py (CPU bfloat16)")
+    args = ap.parse_args(argv)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "GRADIO_ANALYTICS_ENABLED": "False"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--bundle", args.bundle,
+                             "--port", str(port), "--concurrency", str(args.concurrency)]
+                            + (["--bf16"] if args.bf16 else []),
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        ready = wait_http(url, proc, 600) - t0
+        chart = first_chart(url)
+        from gradio_client import Client
+        client = Client(url, verbose=False)
+        from ulmrec.bundle import load_bundle
+        users = load_bundle(args.bundle, check_hashes=False).candidates.query("split == 'test'")["user"]
+        users = [int(u) for u in users.iloc[: args.users + 2]]
+        for u in users[:2]:                                   # warm-up
+            client.predict(u, False, api_name="/rank")
+        rank_s = []
+        for u in users[2:]:
+            t = time.perf_counter()
+            status, *_ = client.predict(u, False, api_name="/rank")
+            rank_s.append(time.perf_counter() - t)
+            assert status == "", status
+        ladder_s = []
+        for u in users[: args.ladders]:
+            t = time.perf_counter()
+            status, table = client.predict(u, api_name="/ladder")
+            ladder_s.append(time.perf_counter() - t)
+            assert status == "" and len(table["data"]) >= 1, status
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    result = {"bundle": args.bundle, "cpu_count": os.cpu_count(), "concurrency": args.concurrency, "bf16": args.bf16,
+              "server_ready_s": round(ready, 2),
+              "first_chart_s": round(chart - t0, 2) if chart else None,
+              "rank_p50_s": round(float(np.percentile(rank_s, 50)), 3),
+              "rank_p90_s": round(float(np.percentile(rank_s, 90)), 3), "rank_n": len(rank_s),
+              "ladder_mean_s": round(float(np.mean(ladder_s)), 2), "ladder_n": len(ladder_s)}
+    print(json.dumps(result))
+    print("| bundle | dtype | server ready | first chart | rank p50 | rank p90 | ladder (4 rungs) |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    fc = f"{result['first_chart_s']:.1f} s" if chart else "—"
+    dtype = "bf16" if args.bf16 else "fp32"
+    print(f"| {Path(args.bundle).name} | {dtype} | {result['server_ready_s']:.1f} s | {fc} | "
+          f"{result['rank_p50_s']:.2f} s | {result['rank_p90_s']:.2f} s | "
+          f"{result['ladder_mean_s']:.1f} s |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

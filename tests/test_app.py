@@ -1,0 +1,322 @@
+"""The Gradio app's callbacks on a tiny real bundle (random Llama, P-ID index, gift-cards),
+and a bounded load test against the served app on loopback."""
+import html
+import itertools
+import random
+import socket
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ARGS = ["--dataset", "gift-cards", "--tiny-backbone", "--retriever", "random", "--index-kind", "pid",
+        "--preference-source", "extractive", "--max-history", "3", "--max-title-words", "4",
+        "--max-len", "256"]
+
+
+def _write_pid_table(ds, runs: Path) -> None:
+    """A hand-made P-ID table in place of `train.index` (which needs the sentence encoder):
+    few codes on the upper levels so that users share prefixes, unique full indices."""
+    from ulmrec.indexing.table import build_table
+    rng = np.random.default_rng(0)
+    n = ds.num_users
+    abc = np.stack([rng.integers(0, 3, n), rng.integers(0, 4, n), rng.integers(0, 6, n)], axis=1)
+    d = np.zeros(n, dtype=int)
+    seen: dict[tuple, int] = {}
+    for i, row in enumerate(map(tuple, abc)):       # d numbers the users of each (a, b, c) group
+        d[i] = seen.get(row, 0)
+        seen[row] = d[i] + 1
+    table = build_table(ds.users, "pid", np.column_stack([abc, d]))
+    out = runs / ds.name / "index"
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(out / "user_index.parquet")
+
+
+def build_tiny_bundle(root: Path) -> Path:
+    """root/bundle: a 2-step run exported the way the real demo bundle is (with its data).
+    Built once per session and shared by test_app and test_app_browser."""
+    bundle = root / "bundle"
+    if (bundle / "bundle.json").exists():
+        return bundle
+    from train import evaluate, export, finetune
+    from ulmrec.data import load_dataset
+    from ulmrec.preferences.run import PreferenceConfig, extract, make_backend
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ULMREC_RUNS", str(root / "runs"))
+    try:
+        ds = load_dataset("gift-cards")
+        _write_pid_table(ds, root / "runs")
+        pcfg = PreferenceConfig(dataset="gift-cards", backend="extractive")
+        extract(ds, make_backend(pcfg, ds), pcfg)
+        assert finetune.main(ARGS + ["--run-name", "t", "--max-steps", "2", "--eval-every", "2",
+                                     "--batch-size", "2", "--eval-users", "4", "--lora-dropout", "0",
+                                     "--learning-rate", "0.01", "--warmup-steps", "0"]) == 0
+        assert evaluate.main(ARGS + ["--runs", "t", "--baselines", "retriever", "--max-users", "12",
+                                     "--results-dir", str(root / "results")]) == 0
+        assert export.main(["--dataset", "gift-cards", "--run-name", "t", "--results-dir",
+                            str(root / "results"), "--out", str(bundle)]) == 0
+    finally:
+        mp.undo()
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from ulmrec.app.logic import prepare, warm
+    from ulmrec.bundle import load_bundle
+    d = prepare(load_bundle(build_tiny_bundle(tmp_path_factory.getbasetemp())))
+    warm(d)
+    return d
+
+
+def _with_missed_target(data, user):
+    """A copy of `data` where `user`'s test target was not retrieved (random retrieval always
+    retrieves it): the target replaced by an item the user has not seen."""
+    from ulmrec.app.logic import prepare
+    b = data.bundle
+    cands = b.candidates.copy()
+    row = cands.index[(cands["user"] == user) & (cands["split"] == "test")][0]
+    target = int(b.users.set_index("user").at[user, "target"])
+    c = [int(i) for i in cands.at[row, "candidates"]]
+    other = next(int(i) for i in b.items["item"] if int(i) not in c)
+    cands.at[row, "candidates"] = [other if i == target else i for i in c]
+    import dataclasses
+    return prepare(dataclasses.replace(b, candidates=cands, _model=b._model, _tok=b._tok))
+
+
+# ------------------------------------------------------------------ picking a user
+
+def test_choices_filters_and_random(data):
+    from ulmrec.app.logic import AppError, random_user, user_choices
+    users = data.bundle.users
+    every = user_choices(data)
+    assert len(every) == data.bundle.candidates.query("split == 'test'")["user"].nunique() == 453
+    label, uid = every[0]
+    assert label == f"{users.set_index('user').at[uid, 'reviewerID']} · #{uid}"
+    short = user_choices(data, 5, 6)
+    lens = users.set_index("user")["history"].map(len)
+    assert {u for _, u in short} == set(lens[(lens >= 5) & (lens <= 6)].index)
+    assert user_choices(data, retrieved="no") == []          # random retrieval holds every target
+    missed = _with_missed_target(data, uid)
+    assert user_choices(missed, retrieved="no") == [(label, uid)]
+    assert uid not in {u for _, u in user_choices(missed, retrieved="yes")}
+    assert random_user(short, random.Random(0)) in {u for _, u in short}
+    from ulmrec.app import ui
+    status, count, _, kept = ui.on_filter(data, 5, 6, "any")
+    assert status == "" and count == f"{len(short)} users match" and kept == short
+    with pytest.raises(AppError, match="no user matches"):
+        random_user(user_choices(data, 1000, None))
+
+
+def test_resolve_user_by_id_label_or_reviewer_and_unknown(data):
+    from ulmrec.app import ui
+    from ulmrec.app.logic import AppError, resolve_user
+    row = data.bundle.users.iloc[16]
+    uid, rid = int(row["user"]), row["reviewerID"]
+    for value in (uid, str(uid), f"#{uid}", rid, f"{rid} · #{uid}"):
+        assert resolve_user(data, value) == uid
+    with pytest.raises(AppError, match="unknown user 'NOT-A-USER'"):
+        resolve_user(data, "NOT-A-USER")
+    with pytest.raises(AppError, match="unknown user id 9999 .ids run 1..453"):
+        resolve_user(data, 9999)
+    # on the page: a status line, the other outputs untouched, nothing raised
+    out = ui.on_user(data, "NOT-A-USER")
+    assert out[0] == "⚠️ unknown user 'NOT-A-USER'" and len(out) == ui.USER_OUTPUTS
+    out = ui.on_user(data, uid)
+    assert out[0] == "" and rid in out[1] and "&lt;a_" in out[1]
+
+
+# ------------------------------------------------------------------ the semantic index
+
+def test_prefix_counts_and_nearest_users_share_the_prefix(data):
+    from ulmrec.app.logic import index_chips, nearest_users, prefix_table
+    users = data.bundle.users.set_index("user")
+    uid = int(users.index[7])
+    mine = users.loc[uid, ["a", "b", "c", "d"]].to_numpy(int)
+    codes = users[["a", "b", "c", "d"]].to_numpy(int)
+    table = prefix_table(data, uid)
+    assert list(table["level"]) == ["a", "b", "c", "d"]
+    assert table["prefix"].iloc[-1] == users.at[uid, "index"]
+    for lv in range(4):
+        expect = int((codes[:, : lv + 1] == mine[: lv + 1]).all(axis=1).sum())
+        assert table["users sharing it"].iloc[lv] == expect
+    assert table["users sharing it"].iloc[0] > table["users sharing it"].iloc[-1] == 1
+    chips = index_chips(data, uid)
+    assert all(f"&lt;{lv}_{c}&gt;" in chips for lv, c in zip("abcd", mine))
+
+    near = nearest_users(data, uid, k=5)
+    assert len(near) == 6 and near["user"].iloc[0].endswith("(this user)")
+    assert near["shared levels"].iloc[0] == 4 and near["index"].iloc[0] == users.at[uid, "index"]
+    best_other = max(int(np.cumprod(r == mine).sum()) for u, r in zip(users.index, codes) if u != uid)
+    for idx, shared, pref in near.iloc[1:][["index", "shared levels", "extracted preference"]].values:
+        other = np.array([int(t.split("_")[1]) for t in idx.strip("<>").split("><")])
+        assert shared == int(np.cumprod(other == mine).sum())            # really shares it
+        assert isinstance(pref, str) and pref
+    assert near["shared levels"].iloc[1] == best_other                    # nobody shares more
+    assert list(near["shared levels"].iloc[1:]) == sorted(near["shared levels"].iloc[1:], reverse=True)
+
+
+# ------------------------------------------------------------------ decoding
+
+def test_ladder_has_four_growing_rungs(data):
+    from ulmrec.app.logic import ladder, user_preference
+    uid = int(data.bundle.users["user"].iloc[3])
+    table = ladder(data, uid, max_new_tokens=4)
+    assert len(table) == 4
+    prefixes = list(table["prefix"])
+    for short, long in itertools.pairwise(prefixes):
+        assert long.startswith(short) and long.count("<") == short.count("<") + 1
+    assert prefixes[-1] == data.bundle.users.set_index("user").at[uid, "index"]
+    assert list(table["users sharing it"]) == sorted(table["users sharing it"], reverse=True)
+    assert all(isinstance(t, str) and t for t in table["generated preference"])
+    assert user_preference(data, uid).startswith("The user")
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("<b_1>", "not an index prefix: '<b_1>'"),
+    ("abc", "not an index prefix: 'abc'"),
+    ("", "not an index prefix: ''"),
+    ("<a_1>junk", "holds text besides"),
+    ("<a_999>", "code 999 is outside the codebook"),
+    ("<a_1><b_1><c_1><d_1><e_1>", "at most 4 levels"),
+])
+def test_malformed_prefix_message(data, bad, message):
+    from ulmrec.app import ui
+    from ulmrec.app.logic import AppError, decode_prefix
+    with pytest.raises(AppError, match=message.replace("(", r"\(")):
+        decode_prefix(data, bad)
+    status, _ = ui.on_decode(data, bad)
+    assert status.startswith("⚠️ ") and html.escape(message, quote=False) in status
+
+
+def test_decode_accepts_spaced_prefix(data):
+    from ulmrec.app.logic import check_prefix, decode_prefix
+    assert check_prefix(" <a_1> <b_2> ") == "<a_1><b_2>"
+    assert isinstance(decode_prefix(data, "<a_1> <b_2>", max_new_tokens=3), str)
+
+
+# ------------------------------------------------------------------ ranking
+
+def test_rank_view_chart_table_and_metrics(data):
+    from ulmrec.app.ranking import TARGET, rank_view
+    uid = int(data.bundle.users["user"].iloc[0])
+    frame, fig, table, metrics = rank_view(data, uid)
+    assert frame["prob"].sum() == pytest.approx(1.0, abs=1e-4)
+    assert list(frame["letter"]) == list("ABCDEFGHIJKLMNOPQRST")
+    target = int(data.bundle.users.set_index("user").at[uid, "target"])
+    assert frame["is_target"].sum() == 1 and frame.loc[frame["is_target"], "item"].item() == target
+    # the chart: every letter on the y axis, retriever order, the target alone in its colour
+    order = list(fig.layout.yaxis.categoryarray)
+    assert [lb[0] for lb in order] == list("ABCDEFGHIJKLMNOPQRST")
+    gt = [t for t in fig.data if t.name == "ground truth"]
+    assert len(gt) == 1 and gt[0].marker.color == TARGET
+    letter = frame.loc[frame["is_target"], "letter"].item()
+    assert [y[0] for y in gt[0].y] == [letter]
+    assert sum(len(t.y) for t in fig.data) == 20
+    np.testing.assert_allclose(sorted(np.concatenate([t.x for t in fig.data])), sorted(frame["prob"]))
+    # the table: LLM order, the retriever's rank beside it
+    assert list(table["LLM rank"]) == list(range(1, 21))
+    assert sorted(table["retriever rank"]) == list(range(1, 21))
+    assert (np.diff(table["probability"].to_numpy()) <= 1e-4).all()
+    assert table.loc[table["target"] == "✓", "letter"].item() == letter
+    # this user's metrics from the target's LLM rank
+    r = int(frame.loc[frame["is_target"], "llm_rank"].item())
+    llm = metrics.set_index("system").loc["ULMRec (LLM)"]
+    assert llm["target rank"] == r
+    assert llm["NDCG@10"] == pytest.approx(round(1 / np.log2(r + 1), 4) if r <= 10 else 0.0)
+    assert llm["MRR@5"] == pytest.approx(round(1 / r, 4) if r <= 5 else 0.0)
+    assert llm["Recall@10"] == (1.0 if r <= 10 else 0.0)
+    retr = metrics.set_index("system").loc["retriever"]
+    assert retr["target rank"] == int(frame.loc[frame["is_target"], "retriever_rank"].item())
+
+
+def test_rank_without_history_changes_the_prompt(data):
+    from ulmrec.app import ui
+    from ulmrec.app.ranking import rank_user
+    uid = int(data.bundle.users["user"].iloc[0])
+    with_h, without = rank_user(data, uid), rank_user(data, uid, no_history=True)
+    assert without["prob"].sum() == pytest.approx(1.0, abs=1e-4)
+    assert not np.allclose(with_h["prob"], without["prob"])
+    status, fig, _table, _metrics = ui.on_rank(data, uid, True)
+    assert status == "" and "no history" in fig.layout.title.text
+
+
+def test_missed_target_scores_zero_and_says_so(data):
+    from ulmrec.app.logic import user_summary
+    from ulmrec.app.ranking import user_metrics
+    uid = int(data.bundle.users["user"].iloc[0])
+    missed = _with_missed_target(data, uid)
+    assert "not** among the 20 candidates" in user_summary(missed, uid)
+    frame = pd.DataFrame({"letter": list("ABC"), "prob": [0.5, 0.3, 0.2],
+                          "is_target": [False, False, False], "retriever_rank": [1, 2, 3]})
+    m = user_metrics(frame)
+    assert (m["target rank"] == "—").all() and (m.drop(columns=["system", "target rank"]) == 0).all().all()
+    tied = frame.assign(prob=[0.4, 0.4, 0.2], is_target=[False, True, False])
+    llm = user_metrics(tied).set_index("system").loc["ULMRec (LLM)"]
+    assert llm["target rank"] == 2 and llm["MRR@5"] == 0.5          # ties count against the target
+
+
+# ------------------------------------------------------------------ overview and startup
+
+def test_overview(data):
+    from ulmrec.app import overview
+    table = overview.results_table(data.bundle.metrics)
+    systems = list(data.bundle.metrics["results"])
+    assert len(table) == 2 * len(systems) and set(table["view"]) == {"Rank", "Overall"}
+    row = table[(table["system"] == systems[-1]) & (table["view"] == "Rank")].iloc[0]
+    assert row["NDCG@10"] == round(data.bundle.metrics["results"][systems[-1]]["rank"]["NDCG@10"], 4)
+    text = overview.dataset_markdown(data)
+    assert "| users | 453 |" in text and "| index kind | pid |" in text
+    usage = overview.codebook_usage(data)
+    users = data.bundle.users
+    assert list(usage["codes used"]) == [users[c].nunique() for c in "abcd"]
+    fig = overview.codebook_chart(data)
+    assert len(fig.data) == 1 + 4
+    assert "extractive" in overview.notes_markdown(data)
+
+
+def test_missing_bundle_exits_2_with_a_message(tmp_path, capsys):
+    from ulmrec.app.cli import main
+    assert main(["--bundle", str(tmp_path / "nothing")]) == 2
+    assert "cannot open the bundle" in capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_twenty_concurrent_rank_requests_all_answer(data):
+    """Loopback load test: 20 clients at once through the queue (concurrency 2)."""
+    from gradio_client import Client
+
+    from ulmrec.app.cli import serve
+    from ulmrec.app.ui import build_demo
+    demo = build_demo(data)
+    port = free_port()
+    serve(demo, "127.0.0.1", port, concurrency=2, block=False)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        users = [int(u) for u in data.bundle.users["user"].iloc[:20]]
+        jobs = [client.submit(u, False, api_name="/rank") for u in users]
+        results = [j.result(timeout=120) for j in jobs]
+        assert len(results) == 20
+        for u, (status, _plot, table, metrics) in zip(users, results):
+            assert status == ""
+            assert len(table["data"]) == 20
+            probs = [row[table["headers"].index("probability")] for row in table["data"]]
+            assert sum(probs) == pytest.approx(1.0, abs=2e-3)
+    finally:
+        demo.close()
+
+
+def test_batched_ladder_matches_one_decode_per_prefix(data):
+    from ulmrec.app.logic import ladder
+    uid = int(data.bundle.users["user"].iloc[5])
+    # the tiny model writes ~20 newlines before any word: 28 tokens reach the words
+    table = ladder(data, uid, max_new_tokens=28)
+    one_by_one = [data.bundle.decode(p, max_new_tokens=28) or "(empty)" for p in table["prefix"]]
+    assert list(table["generated preference"]) == one_by_one
+    assert any(t != "(empty)" for t in one_by_one)

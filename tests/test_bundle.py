@@ -4,7 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from train import evaluate, export, finetune
+from tiny_run import train_and_evaluate
+
+from train import export, finetune
 from ulmrec.bundle import BundleError, load_bundle, verify_bundle
 from ulmrec.data import load_dataset
 from ulmrec.model import score_examples
@@ -22,15 +24,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("bundle")
     mp = pytest.MonkeyPatch()
     mp.setenv("ULMREC_RUNS", str(root / "runs"))
-    from ulmrec.preferences.run import PreferenceConfig, extract, make_backend
-    ds = load_dataset("gift-cards")
-    pcfg = PreferenceConfig(dataset="gift-cards", backend="extractive")
-    extract(ds, make_backend(pcfg, ds), pcfg)
-    assert finetune.main(ARGS + ["--run-name", "t", "--max-steps", "2", "--eval-every", "2",
-                                 "--batch-size", "2", "--eval-users", "4", "--lora-dropout", "0",
-                                 "--learning-rate", "0.01", "--warmup-steps", "0"]) == 0
-    assert evaluate.main(ARGS + ["--runs", "t", "--baselines", "retriever", "--max-users", "12",
-                                 "--results-dir", str(root / "results")]) == 0
+    train_and_evaluate(ARGS, root / "results")
     common = ["--dataset", "gift-cards", "--run-name", "t", "--results-dir", str(root / "results")]
     assert export.main(common + ["--out", str(root / "full")]) == 0
     assert export.main(common + ["--out", str(root / "lean"), "--no-include-data"]) == 0

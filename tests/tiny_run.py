@@ -1,0 +1,16 @@
+"""A real but tiny ranker run for tests that need a trained adapter: extractive preferences,
+2 fine-tuning steps of a seeded random Llama, and its evaluation (under $ULMREC_RUNS)."""
+from train import evaluate, finetune
+from ulmrec.data import load_dataset
+from ulmrec.preferences.run import PreferenceConfig, extract, make_backend
+
+
+def train_and_evaluate(args: list[str], results_dir, run: str = "t") -> None:
+    ds = load_dataset("gift-cards")
+    pcfg = PreferenceConfig(dataset="gift-cards", backend="extractive")
+    extract(ds, make_backend(pcfg, ds), pcfg)
+    assert finetune.main(args + ["--run-name", run, "--max-steps", "2", "--eval-every", "2",
+                                 "--batch-size", "2", "--eval-users", "4", "--lora-dropout", "0",
+                                 "--learning-rate", "0.01", "--warmup-steps", "0"]) == 0
+    assert evaluate.main(args + ["--runs", run, "--baselines", "retriever", "--max-users", "12",
+                                 "--results-dir", str(results_dir)]) == 0

@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bundle", default=os.environ.get("ULMREC_BUNDLE", str(ROOT / "assets" / "demo")))
     ap.add_argument("--users", type=int, default=20, help="timed ranking requests")
     ap.add_argument("--ladders", type=int, default=3, help="timed ladder requests")
-    ap.add_argument("--concurrency", type=int, default=2, help="passed to app.py")
+    ap.add_argument("--concurrency", type=int, default=1, help="passed to app.py")
     ap.add_argument("--bf16", action="store_true", help="passed to app.py (CPU bfloat16)")
     args = ap.parse_args(argv)
 

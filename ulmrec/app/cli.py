@@ -22,8 +22,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--host", default=None, help="interface to bind (default: $GRADIO_SERVER_NAME, "
                    "else 127.0.0.1; 0.0.0.0 to serve the network)")
     p.add_argument("--port", type=int, default=None, help="port (default: $GRADIO_SERVER_PORT, else 7860)")
-    p.add_argument("--concurrency", type=int, default=2,
-                   help="requests the model serves at once; the rest wait in the queue")
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="requests the model serves at once; the rest wait in the queue (on 2 CPU "
+                   "cores one request with both threads ranks a user in 0.93 s p50, two at once "
+                   "with one thread each in 1.31 s: bench/app.py)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (default: CPU cores / concurrency, so that concurrent "
                    "requests do not oversubscribe the cores)")
@@ -60,7 +62,7 @@ def open_app(source=None, preload: bool = True, bf16: bool = False):
     return data, build_demo(data)
 
 
-def serve(demo, host=None, port=None, concurrency: int = 2, block: bool = True):
+def serve(demo, host=None, port=None, concurrency: int = 1, block: bool = True):
     from .ui import CSS
     demo.queue(default_concurrency_limit=concurrency, max_size=64)
     return demo.launch(server_name=host, server_port=port, css=CSS, show_error=True,

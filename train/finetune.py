@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         from safetensors.torch import save_file
 
         def write(tmp: Path):
-            sd = get_peft_model_state_dict(acc.unwrap_model(model))
+            sd = get_peft_model_state_dict(acc.unwrap_model(model), save_embedding_layers=False)
             # clone: tied embedding / LM-head adapters share storage, which safetensors refuses
             save_file({k: v.detach().cpu().clone().contiguous() for k, v in sd.items()},
                       tmp / "trainable.safetensors")

@@ -1,0 +1,388 @@
+"""LC-Rec end to end: item index → alignment tuning → generative full-catalogue evaluation.
+
+    python -m train.lcrec --dataset games                                  # all three stages
+    python -m train.lcrec --dataset games --stages evaluate --eval-users 500
+    python -m train.lcrec --dataset games --max-steps 60 --train-users 400 --eval-users 40 \
+        --prompt-format alpaca --max-history 10                            # small CPU run
+
+Writes runs/<dataset>/lcrec/ (finetune/ and eval/ under lcrec/<tag>/ with --tag):
+  index/     item_index.parquet (item, a..d, index, title), summary.json (collisions, usage), ckpt/
+  finetune/  checkpoint/ (resumable), adapter/ (LoRA + index-token rows + tokenizer)
+  eval/      metrics_<split>.json, topn_<split>.parquet
+Each stage skips work already done (index table present; finetune state done; metrics
+present for the same settings); --force redoes the stages named in --stages.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ulmrec.config import parse_config
+from ulmrec.data import load_dataset
+from ulmrec.indexing.fit import IndexConfig
+from ulmrec.metrics import metrics_from_ranks, ranks_in_list
+from ulmrec.paths import atomic_dir, atomic_write, runs_root
+
+log = logging.getLogger("train.lcrec")
+STAGES = ("index", "finetune", "evaluate")
+
+
+@dataclass
+class LcRecConfig:
+    """LC-Rec: learned item indices and generative recommendation (Zheng et al., 2024)."""
+    dataset: str = field(default="games", metadata={"help": "dataset name (ulmrec.data)"})
+    stages: tuple[str, ...] = field(default=STAGES, metadata={"help": f"subset of {STAGES}"})
+    force: bool = field(default=False, metadata={"help": "redo the named stages"})
+    out: str = field(default="", metadata={"help": "run folder ('' → runs/<dataset>/lcrec)"})
+    tag: str = field(default="", metadata={
+        "help": "finetune/ and eval/ go to <run folder>/<tag>/ (the item index stays shared)"})
+    # item index (the user index's RQ-VAE and collision handling)
+    item_encoder: str = field(default="minilm", metadata={
+        "help": "minilm (the review encoder) or llm (the backbone, mean-pooled)",
+        "choices": ("minilm", "llm")})
+    index_epochs: int = 300
+    e_dim: int = 32
+    levels: int = 4
+    codebook_size: int = 256
+    index_batch_size: int = 1024
+    index_lr: float = 1e-3
+    # model
+    backbone: str | None = field(default=None, metadata={"help": "default: embedded SmolLM2-135M-Instruct"})
+    tiny_backbone: bool = field(default=False, metadata={"help": "tiny random Llama (tests)"})
+    prompt_format: str = field(default="chat", metadata={"choices": ("chat", "alpaca")})
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    max_len: int = 512
+    # tasks
+    tasks: tuple[str, ...] = field(default=("seq", "mut", "asy", "ite", "per"), metadata={
+        "help": "seq mut asy ite per (ite / per only where intents / preferences exist)"})
+    preference_source: str = field(default="auto", metadata={
+        "help": "auto / release / local / openai / extractive / none (per task)"})
+    intent_source: str = field(default="auto", metadata={"help": "preferences-stage intents; none = skip ite"})
+    max_history: int = 20
+    max_prefixes_per_user: int = 0
+    train_users: int = field(default=0, metadata={"help": "user-side examples from this many random users (0 = all)"})
+    # training
+    learning_rate: float = 5e-4
+    batch_size: int = 4
+    num_epochs: float = 1.0
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps (0 = num_epochs)"})
+    warmup_steps: int = 20
+    ckpt_every: int = 25
+    stop_after: int = field(default=0, metadata={
+        "help": "leave after this many optimizer steps, resumable, as if interrupted (time boxes)"})
+    # evaluation
+    eval_split: str = field(default="test", metadata={"choices": ("val", "test")})
+    eval_users: int = field(default=0, metadata={"help": "random users evaluated (0 = all)"})
+    beams: int = 20
+    topn: int = 10
+    exclude_history: bool = field(default=True, metadata={
+        "help": "never generate an item of the user's history (the retriever masks them too)"})
+    eval_batch_size: int = 2
+    seed: int = 42
+    threads: int = field(default=1, metadata={"help": "torch CPU threads"})
+
+    def index_config(self) -> IndexConfig:
+        return IndexConfig(dataset=self.dataset, e_dim=self.e_dim, levels=self.levels,
+                           codebook_size=self.codebook_size, epochs=self.index_epochs,
+                           batch_size=self.index_batch_size, lr=self.index_lr, seed=self.seed,
+                           threads=self.threads, out="lcrec")
+
+    def ranker_config(self):
+        from ulmrec.ranker import RankerConfig
+        return RankerConfig(dataset=self.dataset, backbone=self.backbone,
+                            tiny_backbone=self.tiny_backbone, lora_r=self.lora_r,
+                            lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                            lora_targets=self.lora_targets, max_len=self.max_len)
+
+
+def run_dir(cfg: LcRecConfig, ds_name: str) -> Path:
+    return Path(cfg.out) if cfg.out else runs_root() / ds_name / "lcrec"
+
+
+def model_dir(cfg: LcRecConfig, ds_name: str) -> Path:
+    """Where finetune/ and eval/ live: the run folder, or its <tag>/ sub-folder."""
+    return run_dir(cfg, ds_name) / cfg.tag if cfg.tag else run_dir(cfg, ds_name)
+
+
+def _write_json(path: Path, data) -> None:
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(data, indent=1, default=str)))
+
+
+# ---------------------------------------------------------------- stage 1: item index
+def stage_index(cfg: LcRecConfig, ds, out: Path) -> pd.DataFrame:
+    from ulmrec.lcrec.item_index import build_item_index, item_texts, llm_embed
+
+    folder = out / "index"
+    if (folder / "item_index.parquet").exists() and not (cfg.force and "index" in cfg.stages):
+        return pd.read_parquet(folder / "item_index.parquet")
+    t0 = time.time()
+    items, texts = item_texts(ds)
+    if cfg.item_encoder == "minilm":
+        from ulmrec.indexing.encoder import embed_cached, load_encoder
+        enc = load_encoder()
+        emb, enc_stats = embed_cached(enc, texts, desc=f"{ds.name} items")
+        enc_stats["model"] = enc.name
+    else:
+        from ulmrec.ranker import load_base
+        model, tok = load_base(cfg.ranker_config())
+        emb = llm_embed(model.eval(), tok, texts)
+        enc_stats = {"model": "backbone (mean-pooled last hidden state)", "texts": len(texts)}
+    icfg = cfg.index_config()
+    table, report = build_item_index(items, emb, icfg, ckpt_dir=folder / "ckpt")
+    table = table.merge(ds.items[["item", "title"]], on="item", how="left")
+    summary = {"dataset": ds.name, "items": len(table), "encoder": enc_stats,
+               "item_text": "title + description" if "description" in ds.items else "title",
+               "settings": asdict(icfg), "seconds": round(time.time() - t0, 1), **report}
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / "item_index.parquet", lambda p: table.to_parquet(p, index=False))
+    _write_json(folder / "summary.json", summary)
+    c = report["collisions"]
+    log.info("item index: %d items; colliding before %d (%d groups) → after Sinkhorn %d → "
+             "final %d (fallback moved %d)", len(table), c["before"]["colliding_users"],
+             c["before"]["groups"], c["after_sinkhorn"]["colliding_users"],
+             c["after"]["colliding_users"], c["fallback_moved"])
+    return table
+
+
+# ---------------------------------------------------------------- stage 2: finetune
+def _task_data(cfg: LcRecConfig, ds, table: pd.DataFrame):
+    from ulmrec.lcrec.item_index import index_strings
+    from ulmrec.lcrec.tasks import lcrec_data
+
+    notes = []
+    pref = intent = None
+    if "per" in cfg.tasks and cfg.preference_source != "none":
+        try:
+            from ulmrec.ranker import load_preference_series
+            pref, n = load_preference_series(ds, cfg.preference_source)
+            notes += n
+        except (FileNotFoundError, ValueError) as err:
+            notes.append(f"per skipped: {err}")
+    if "ite" in cfg.tasks and cfg.intent_source != "none":
+        try:
+            from ulmrec.preferences.run import load_preferences
+            intent = load_preferences(ds, task="intent", backend=cfg.intent_source)
+        except (FileNotFoundError, ValueError) as err:
+            notes.append(f"ite skipped: no intents ({str(err).splitlines()[0]})")
+    return lcrec_data(ds, index_strings(table), pref, intent), notes
+
+
+def stage_finetune(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> bool:
+    """Train (or resume) the adapter; False when it stopped early on purpose (--stop-after)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+    from transformers import get_linear_schedule_with_warmup
+
+    from ulmrec.lcrec.tasks import sample_users, training_examples
+    from ulmrec.model import add_index_tokens, collate, encode, index_vocabulary, response_loss, wrap_lora
+    from ulmrec.ranker import load_base
+    from ulmrec.tasks import task_counts
+
+    folder = out / "finetune"
+    ckpt, adapter = folder / "checkpoint", folder / "adapter"
+    if cfg.force and "finetune" in cfg.stages:
+        import shutil
+        shutil.rmtree(folder, ignore_errors=True)
+    state = {"step": 0, "done": False, "losses": []}
+    if (ckpt / "state.json").exists():
+        state = json.loads((ckpt / "state.json").read_text())
+    if state["done"] and adapter.exists():
+        log.info("finetune already done (%d steps)", state["step"])
+        return True
+    t0 = time.time()
+    data, notes = _task_data(cfg, ds, table)
+    users = sample_users(ds, cfg.train_users, cfg.seed)
+    examples = training_examples(data, cfg.tasks, cfg.max_history, cfg.max_prefixes_per_user,
+                                 users, cfg.seed)
+    if cfg.max_steps:  # (already shuffled) only what the run will reach gets tokenized
+        examples = examples[: cfg.max_steps * cfg.batch_size]
+    steps_per_epoch = max(1, math.ceil(len(examples) / cfg.batch_size))
+    total = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.num_epochs))
+    counts = task_counts(examples)
+    log.info("examples used per task: %s; notes: %s", counts, notes)
+
+    torch.manual_seed(cfg.seed)
+    model, tok = load_base(cfg.ranker_config())
+    new_ids = add_index_tokens(model, tok, index_vocabulary(cfg.levels, cfg.codebook_size))
+    model = wrap_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, new_ids)
+    device = next(model.parameters()).device
+    encoded = [encode(tok, ex, cfg.prompt_format, cfg.max_len) for ex in examples]
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    sched = get_linear_schedule_with_warmup(optim, min(cfg.warmup_steps, total // 10 or 1), total)
+    if state["step"]:
+        set_peft_model_state_dict(model, load_file(ckpt / "trainable.safetensors"))
+        optim.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        sched.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+        log.info("resumed at step %d of %d", state["step"], total)
+
+    def save_checkpoint():
+        def write(tmp: Path):
+            # the index rows travel as trainable-token deltas: no copy of the whole embedding
+            sd = get_peft_model_state_dict(model, save_embedding_layers=False)
+            # clone: tied embedding / LM-head token rows share storage, which safetensors refuses
+            save_file({k: v.detach().cpu().clone().contiguous() for k, v in sd.items()},
+                      tmp / "trainable.safetensors")
+            torch.save(optim.state_dict(), tmp / "optimizer.pt")
+            torch.save(sched.state_dict(), tmp / "scheduler.pt")
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        atomic_dir(ckpt, write)
+
+    model.train()
+    tokens = 0
+    t_train = time.time()
+    while state["step"] < total:
+        # the order of each epoch comes from (seed, epoch): a resumed run replays it exactly
+        epoch, pos = divmod(state["step"], steps_per_epoch)
+        order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        idx = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size].tolist()
+        batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], tok.pad_token_id).items()}
+        loss = response_loss(model, batch)
+        loss.backward()
+        optim.step()
+        sched.step()
+        optim.zero_grad()
+        tokens += int(batch["attention_mask"].sum())
+        state["step"] += 1
+        state["losses"].append(round(loss.item(), 4))
+        if state["step"] % 10 == 0 or state["step"] == total:
+            log.info("step %d/%d loss %.4f (mean of last 10: %.4f)", state["step"], total,
+                     loss.item(), float(np.mean(state["losses"][-10:])))
+        if state["step"] % cfg.ckpt_every == 0 and state["step"] < total:
+            save_checkpoint()
+        if cfg.stop_after and state["step"] >= cfg.stop_after and state["step"] < total:
+            save_checkpoint()
+            log.info("stopping at step %d as asked (--stop-after); rerun to resume", state["step"])
+            return False
+    secs = time.time() - t_train
+
+    def write_adapter(tmp: Path):
+        model.save_pretrained(tmp, save_embedding_layers=False)  # index rows travel as token deltas
+        tok.save_pretrained(tmp)
+        (tmp / "lcrec_config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
+    atomic_dir(adapter, write_adapter)
+    state["done"] = True
+    save_checkpoint()
+    _write_json(folder / "train_summary.json", {
+        "dataset": ds.name, "steps": state["step"], "examples": counts, "notes": notes,
+        "train_users": cfg.train_users or ds.num_users, "first_losses": state["losses"][:10],
+        "last_losses": state["losses"][-10:], "train_seconds_this_process": round(secs, 1),
+        "tokens_per_s": round(tokens / secs, 1) if secs else None,
+        "total_seconds": round(time.time() - t0, 1), "config": asdict(cfg)})
+    return True
+
+
+# ---------------------------------------------------------------- stage 3: evaluate
+def load_lcrec(out: Path, cfg: LcRecConfig):
+    """(model, tokenizer) of a finished run, eval mode."""
+    from ulmrec.ranker import load_ranker
+    return load_ranker(out / "finetune" / "adapter", cfg.ranker_config())
+
+
+def stage_evaluate(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> dict:
+    from ulmrec.lcrec.generate import generate_topn
+    from ulmrec.lcrec.item_index import index_strings
+    from ulmrec.lcrec.tasks import LcRecData, eval_examples, sample_users
+    from ulmrec.lcrec.trie import item_token_ids
+
+    folder = out / "eval"
+    settings = {k: getattr(cfg, k) for k in ("eval_split", "eval_users", "beams", "topn",
+                                             "exclude_history", "max_history", "prompt_format", "seed")}
+    path = folder / f"metrics_{cfg.eval_split}.json"
+    if path.exists() and not (cfg.force and "evaluate" in cfg.stages):
+        done = json.loads(path.read_text())
+        if done.get("settings") == settings:
+            return done
+    t0 = time.time()
+    model, tok = load_lcrec(out, cfg)
+    data = LcRecData(index=index_strings(table), titles={}, texts={}, train=None)
+    users = sample_users(ds, cfg.eval_users, cfg.seed + 1)
+    exs, histories = eval_examples(ds, data, cfg.eval_split, cfg.max_history, users)
+    token_items = item_token_ids(tok, table)
+    top, stats = generate_topn(model, tok, exs, token_items, n=cfg.topn, beams=cfg.beams,
+                               banned_items=histories if cfg.exclude_history else None,
+                               fmt=cfg.prompt_format, max_len=cfg.max_len,
+                               batch_size=cfg.eval_batch_size, progress=True)
+    secs = time.time() - t0
+    ranked = np.full((len(exs), cfg.topn), -1, dtype=np.int64)          # [U, n], -1 = empty slot
+    for row, items in enumerate(top):
+        ranked[row, :len(items)] = [i for i, _ in items]
+    targets = np.array([ex.target for ex in exs])
+    ranks = ranks_in_list(ranked, targets)
+    m = metrics_from_ranks(ranks, ks=(1, 5, 10))
+    metrics = {"HR@1": m["Recall@1"], "HR@5": m["Recall@5"], "NDCG@5": m["NDCG@5"],
+               "HR@10": m["Recall@10"], "NDCG@10": m["NDCG@10"]}
+    valid = all(i in set(token_items.values()) for items in top for i, _ in items)
+    result = {"dataset": ds.name, "split": cfg.eval_split, "users": len(exs), "metrics": metrics,
+              "all_generated_items_valid": valid, "beam_stats": stats,
+              "items_per_user_mean": float(np.mean([len(t) for t in top])) if top else 0.0,
+              "seconds": round(secs, 1), "s_per_user": round(secs / max(1, len(exs)), 2),
+              "settings": settings}
+    folder.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame({"user": [ex.user for ex in exs], "target": targets,
+                          "items": [[i for i, _ in t] for t in top],
+                          "scores": [[s for _, s in t] for t in top], "rank": ranks})
+    atomic_write(folder / f"topn_{cfg.eval_split}.parquet", lambda p: frame.to_parquet(p, index=False))
+    _write_json(path, result)
+    return result
+
+
+def describe(index_summary: dict | None, result: dict | None) -> str:
+    lines = []
+    if index_summary:
+        c = index_summary["collisions"]
+        lines.append(f"item index: {index_summary['items']} items; colliding items before "
+                     f"{c['before']['colliding_users']} ({c['before']['groups']} groups) → after "
+                     f"Sinkhorn {c['after_sinkhorn']['colliding_users']} → final "
+                     f"{c['after']['colliding_users']} (greedy fallback moved {c['fallback_moved']})")
+        lines.append("codes used per level: " + " / ".join(
+            f"{u['used']}" for u in index_summary["codebook_usage"]))
+    if result:
+        m = result["metrics"]
+        lines.append(f"{result['split']} ({result['users']} users, full ranking over the catalogue):")
+        lines.append("| HR@1 | HR@5 | NDCG@5 | HR@10 | NDCG@10 |")
+        lines.append("|---:|---:|---:|---:|---:|")
+        lines.append("| " + " | ".join(f"{m[k]:.4f}" for k in ("HR@1", "HR@5", "NDCG@5", "HR@10",
+                                                                "NDCG@10")) + " |")
+        lines.append(f"all generated items valid: {result['all_generated_items_valid']}; "
+                     f"{result['s_per_user']} s/user")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = parse_config(LcRecConfig, argv)
+    unknown = set(cfg.stages) - set(STAGES)
+    if unknown:
+        print(f"error: unknown stage(s) {sorted(unknown)}; known: {STAGES}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(max(1, cfg.threads))
+    ds = load_dataset(cfg.dataset)
+    out = run_dir(cfg, ds.name)
+    out.mkdir(parents=True, exist_ok=True)
+    table = stage_index(cfg, ds, out)  # the later stages need it: built when missing
+    result = None
+    mdir = model_dir(cfg, ds.name)
+    if "finetune" in cfg.stages and not stage_finetune(cfg, ds, table, mdir):
+        return 0  # interrupted on purpose: nothing to evaluate yet
+    if "evaluate" in cfg.stages:
+        result = stage_evaluate(cfg, ds, table, mdir)
+    summary_path = out / "index" / "summary.json"
+    index_summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    print(describe(index_summary, result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

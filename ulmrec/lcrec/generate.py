@@ -1,0 +1,85 @@
+"""Generative top-n over the whole catalogue: constrained beam search with the index trie."""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from ..model import collate, encode
+from ..tasks import Example
+from .tasks import LcRecData, seq_example
+from .trie import build_trie, item_token_ids, prefix_fn
+
+
+@torch.no_grad()
+def generate_topn(model, tok, examples: list[Example], token_items: dict[tuple[int, ...], int],
+                  n: int = 10, beams: int = 20, banned_items: list[list[int]] | None = None,
+                  fmt: str = "chat", max_len: int = 1024, batch_size: int = 4,
+                  trie: dict | None = None, progress: bool = False
+                  ) -> tuple[list[list[tuple[int, float]]], dict]:
+    """Per prompt, the n best items as (item, beam score), best first; and counts of what was
+    dropped. `token_items` maps index token-id tuples to items (trie.item_token_ids);
+    `banned_items` per prompt are never generated (e.g. the user's history).
+
+    A score is the sum of the item's index-token log-probabilities under the model (the trie
+    masks tokens after the softmax, so probability left on invalid tokens is not handed back;
+    length_penalty 0: every item has the same length). Scores rank items within one prompt."""
+    trie = trie or build_trie(token_items)
+    by_item = {item: ids for ids, item in token_items.items()}
+    depth = len(next(iter(token_items)))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    results, stats = [], {"invalid_beams": 0, "duplicate_beams": 0}
+    for s in tqdm(range(0, len(examples), batch_size), desc="beam search", unit="batch",
+                  disable=not progress):
+        chunk = [encode(tok, ex, fmt, max_len, with_response=False) for ex in examples[s:s + batch_size]]
+        batch = collate(chunk, pad)                                   # left-padded [B, W]
+        width = batch["input_ids"].shape[1]
+        banned = None
+        if banned_items is not None:
+            banned = [{by_item[i] for i in b if i in by_item} for b in banned_items[s:s + batch_size]]
+        out = model.generate(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+            num_beams=beams, num_return_sequences=beams, max_new_tokens=depth, do_sample=False,
+            prefix_allowed_tokens_fn=prefix_fn(trie, width, pad, banned), early_stopping=True,
+            return_dict_in_generate=True, output_scores=True, pad_token_id=pad,
+            length_penalty=0.0)
+        seqs = out.sequences[:, width:].cpu().tolist()                 # [B*beams, depth]
+        scores = out.sequences_scores.cpu().tolist()                   # [B*beams]
+        for row in range(len(chunk)):
+            ranked, seen = [], set()
+            for k in range(row * beams, (row + 1) * beams):
+                item = token_items.get(tuple(seqs[k][:depth]))
+                # HF starts all but the first beam at -1e9: such beams only copy real ones
+                if item is None or scores[k] < -1e8:
+                    stats["invalid_beams"] += item is None
+                    continue
+                if item in seen:
+                    stats["duplicate_beams"] += 1
+                    continue
+                seen.add(item)
+                ranked.append((item, float(scores[k])))
+            ranked.sort(key=lambda x: -x[1])
+            results.append(ranked[:n])
+    if was_training:
+        model.train()
+    return results, stats
+
+
+def recommend(model, tok, history_item_ids: list[int], index_table, n: int = 10,
+              beams: int = 20, fmt: str = "chat", max_history: int = 20,
+              exclude_history: bool = True) -> list[tuple[int, str, float]]:
+    """Top-n items of the whole catalogue for one history: [(item_id, index_string, score)].
+
+    index_table: the item index (columns item, index) written by `train.lcrec`'s index stage;
+    the model must carry the index tokens (add_index_tokens) it was fine-tuned with."""
+    index = dict(zip(index_table["item"].astype(int).tolist(), index_table["index"].tolist()))
+    history = [int(i) for i in history_item_ids if int(i) in index]
+    data = LcRecData(index=index, titles={}, texts={}, train=None)
+    ex = seq_example(data, -1, history, None, max_history)
+    token_items = item_token_ids(tok, index_table)
+    [top], _ = generate_topn(model, tok, [ex], token_items, n=n, beams=max(beams, n),
+                             banned_items=[history] if exclude_history else None, fmt=fmt,
+                             batch_size=1)
+    return [(item, index[item], score) for item, score in top]

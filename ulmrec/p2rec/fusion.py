@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
@@ -26,8 +25,8 @@ from torch import nn
 from ..paths import atomic_write
 from ..retrieval import RetrievalConfig, build_model
 from ..retrieval.data import eval_histories, train_windows
-from ..retrieval.evaluate import candidate_frame, full_rank, summarize
-from ..retrieval.trainer import make_optimizer, train_epoch
+from ..retrieval.evaluate import full_rank, summarize
+from ..retrieval.trainer import make_optimizer, rank_splits, train_epoch
 
 log = logging.getLogger(__name__)
 
@@ -130,18 +129,11 @@ def train_variant(ds, cfg: RetrievalConfig, variant: str, out: Path, device, **e
     log.info("%s %s: best val %s %.4f at epoch %d of %d", cfg.model, variant, cfg.best_metric,
              best, best_epoch, len(history))
     model.load_state_dict(best_state)
-    metrics, frames = {}, []
-    for split in ("train", "val", "test"):
-        users, hist, targets = eval_histories(ds, split)
-        res = full_rank(model, hist, targets, cfg.max_len, cfg.eval_batch_size, cfg.num_candidates,
-                        device, desc=split)
-        metrics[split] = summarize(res, targets)
-        frames.append(candidate_frame(users, split, targets, res))
+    metrics, cands = rank_splits(model, ds, cfg, device)
     report = {"model": cfg.model, "variant": variant, "config": dataclasses.asdict(cfg),
               "val": metrics["val"], "test": metrics["test"], "best_epoch": best_epoch,
               "epochs_trained": len(history), "history": history,
               "num_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    cands = pd.concat(frames, ignore_index=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in best_state.items()}
     atomic_write(out / "model.safetensors", lambda p: save_file(weights, str(p)))
     atomic_write(out / "candidates.parquet", lambda p: cands.to_parquet(p, index=False))

@@ -233,11 +233,8 @@ def run(cfg: RetrievalConfig, on_epoch_end: Callable[[int, dict], None] | None =
     return export(cfg, ds, out, state, device)
 
 
-def export(cfg: RetrievalConfig, ds, out: Path, state: dict, device) -> dict:
-    """Evaluate the best checkpoint on val and test; write candidates.parquet (train, val and
-    test rows) and metrics.json. Train rows are the ranker's hard training candidates; the
-    model has seen those targets, so their metrics are reported apart and never as quality."""
-    model, _ = load_retriever(out, device)
+def rank_splits(model, ds, cfg: RetrievalConfig, device) -> tuple[dict, pd.DataFrame]:
+    """Full-ranking metrics per split and the candidate frame of all three splits."""
     frames, metrics = [], {}
     for split in ("train", "val", "test"):
         users, hist, targets = eval_histories(ds, split)
@@ -245,7 +242,15 @@ def export(cfg: RetrievalConfig, ds, out: Path, state: dict, device) -> dict:
                         device, desc=split)
         metrics[split] = summarize(res, targets)
         frames.append(candidate_frame(users, split, targets, res))
-    cands = pd.concat(frames, ignore_index=True)
+    return metrics, pd.concat(frames, ignore_index=True)
+
+
+def export(cfg: RetrievalConfig, ds, out: Path, state: dict, device) -> dict:
+    """Evaluate the best checkpoint on val and test; write candidates.parquet (train, val and
+    test rows) and metrics.json. Train rows are the ranker's hard training candidates; the
+    model has seen those targets, so their metrics are reported apart and never as quality."""
+    model, _ = load_retriever(out, device)
+    metrics, cands = rank_splits(model, ds, cfg, device)
     atomic_write(out / "candidates.parquet", lambda p: cands.to_parquet(p, index=False))
     hist = state["history"]
     report = {

@@ -26,7 +26,7 @@ from ulmrec.config import parse_config
 from ulmrec.data import load_dataset
 from ulmrec.metrics import metrics_from_ranks, target_ranks
 from ulmrec.model import collate, encode, response_loss, score_examples
-from ulmrec.paths import atomic_dir, atomic_write, runs_root
+from ulmrec.paths import atomic_dir, atomic_write_json, runs_root
 from ulmrec.ranker import RankerConfig, build_ranker, load_candidates, load_task_inputs
 from ulmrec.tasks import TaskConfig, eval_examples, task_counts, training_examples
 
@@ -59,10 +59,6 @@ def run_dir(cfg: FinetuneConfig) -> Path:
     if cfg.output_dir:
         return Path(cfg.output_dir)
     return runs_root() / Path(cfg.dataset).name / "finetune" / cfg.run_name
-
-
-def _atomic_json(path: Path, data) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=1, default=str)))
 
 
 def validate(model, tok, examples, cfg) -> dict:
@@ -232,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         "total_seconds": time.time() - t_start, "config": asdict(cfg),
     }
     if acc.is_main_process:
-        _atomic_json(out / "train_summary.json", summary)
+        atomic_write_json(out / "train_summary.json", summary)
         log.info("done: %d steps, best val NDCG@10 %.4f → %s", state["step"], state["best"], out / "best")
     return 0
 

@@ -30,7 +30,7 @@ from ulmrec.config import parse_config
 from ulmrec.data import load_dataset
 from ulmrec.indexing.fit import IndexConfig
 from ulmrec.metrics import metrics_from_ranks, ranks_in_list
-from ulmrec.paths import atomic_dir, atomic_write, runs_root
+from ulmrec.paths import atomic_dir, atomic_write, atomic_write_json, runs_root
 
 log = logging.getLogger("train.lcrec")
 STAGES = ("index", "finetune", "evaluate")
@@ -116,10 +116,6 @@ def model_dir(cfg: LcRecConfig, ds_name: str) -> Path:
     return run_dir(cfg, ds_name) / cfg.tag if cfg.tag else run_dir(cfg, ds_name)
 
 
-def _write_json(path: Path, data) -> None:
-    atomic_write(path, lambda p: Path(p).write_text(json.dumps(data, indent=1, default=str)))
-
-
 # ---------------------------------------------------------------- stage 1: item index
 def stage_index(cfg: LcRecConfig, ds, out: Path) -> pd.DataFrame:
     from ulmrec.lcrec.item_index import build_item_index, item_texts, llm_embed
@@ -147,7 +143,7 @@ def stage_index(cfg: LcRecConfig, ds, out: Path) -> pd.DataFrame:
                "settings": asdict(icfg), "seconds": round(time.time() - t0, 1), **report}
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / "item_index.parquet", lambda p: table.to_parquet(p, index=False))
-    _write_json(folder / "summary.json", summary)
+    atomic_write_json(folder / "summary.json", summary)
     c = report["collisions"]
     log.info("item index: %d items; colliding before %d (%d groups) → after Sinkhorn %d → "
              "final %d (fallback moved %d)", len(table), c["before"]["colliding_users"],
@@ -274,7 +270,7 @@ def stage_finetune(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> bool
     atomic_dir(adapter, write_adapter)
     state["done"] = True
     save_checkpoint()
-    _write_json(folder / "train_summary.json", {
+    atomic_write_json(folder / "train_summary.json", {
         "dataset": ds.name, "steps": state["step"], "examples": counts, "notes": notes,
         "train_users": cfg.train_users or ds.num_users, "first_losses": state["losses"][:10],
         "last_losses": state["losses"][-10:], "train_seconds_this_process": round(secs, 1),
@@ -334,7 +330,7 @@ def stage_evaluate(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> dict
                           "items": [[i for i, _ in t] for t in top],
                           "scores": [[s for _, s in t] for t in top], "rank": ranks})
     atomic_write(folder / f"topn_{cfg.eval_split}.parquet", lambda p: frame.to_parquet(p, index=False))
-    _write_json(path, result)
+    atomic_write_json(path, result)
     return result
 
 

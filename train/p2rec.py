@@ -37,7 +37,7 @@ from ulmrec.data import DataError, load_dataset
 from ulmrec.p2rec import (P2RecLM, add_lora, agreement, enhance_items, instance_examples,
                           item_embeddings, kmeans_groups, mean_loss, time_steps, train_sft,
                           train_variant, user_targets)
-from ulmrec.paths import atomic_write, runs_root
+from ulmrec.paths import atomic_write, atomic_write_json, runs_root
 from ulmrec.retrieval import RetrievalConfig, load_retriever
 
 log = logging.getLogger("train.p2rec")
@@ -101,10 +101,6 @@ def _fresh(path: Path, signature: dict) -> bool:
     return json.loads(json.dumps(saved)) == json.loads(json.dumps(signature))
 
 
-def _write_json(path: Path, data: dict) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=1)))
-
-
 def stage_group(cfg: P2RecConfig, ds, out: Path) -> np.ndarray:
     path = out / "groups.json"
     sig = _signature(cfg, *GROUP_KEYS)
@@ -115,7 +111,7 @@ def stage_group(cfg: P2RecConfig, ds, out: Path) -> np.ndarray:
         raise ValueError(f"retriever {cfg.retriever} has {spec['num_items']} items, dataset {ds.num_items}")
     groups = kmeans_groups(item_embeddings(retriever), cfg.k, cfg.seed)
     sizes = np.bincount(groups[1:], minlength=cfg.k)
-    _write_json(path, {"signature": sig, "groups": groups.tolist(),
+    atomic_write_json(path, {"signature": sig, "groups": groups.tolist(),
                        "group_sizes": sizes.tolist()})
     log.info("pre-grouping: %d items into %d groups (sizes %d..%d)", ds.num_items, cfg.k,
              sizes.min(), sizes.max())
@@ -152,7 +148,7 @@ def stage_sft(cfg: P2RecConfig, ds, groups: np.ndarray, out: Path, device) -> P2
         return model
     if (sft_dir / "sft_last.pt").exists() and not _fresh(sft_dir / "signature.json", sig):
         (sft_dir / "sft_last.pt").unlink()                      # another setting's checkpoint
-    _write_json(sft_dir / "signature.json", {"signature": sig})
+    atomic_write_json(sft_dir / "signature.json", {"signature": sig})
     _, hist, targets = user_targets(ds, groups, cfg.k)
     inst_hist, inst_targets = instance_examples(hist, groups, cfg.k)
     # the cost comparison runs on the untrained model: step time does not depend on the weights
@@ -181,7 +177,7 @@ def stage_sft(cfg: P2RecConfig, ds, groups: np.ndarray, out: Path, device) -> P2
               "mse_untrained": mse_before, "mse_trained": mse_after,
               "mse_mean_vector_baseline": float(mean_vec), "cost": cost,
               "trainable_parameters": int(sum(v.numel() for v in weights.values()))}
-    _write_json(sft_dir / "sft.json", report)
+    atomic_write_json(sft_dir / "sft.json", report)
     log.info("SFT: MSE %.4f → %.4f (mean-vector baseline %.4f); %d user vs %d instance examples, "
              "LLM epoch ≈ %.0f s vs %.0f s", mse_before, mse_after, mean_vec, m, t,
              cost["user_epoch_s_est"], cost["instance_epoch_s_est"])
@@ -199,7 +195,7 @@ def stage_augment(cfg, ds, groups, model, out: Path) -> tuple[torch.Tensor, dict
     atomic_write(path, lambda p: save_file({"embeddings": emb.contiguous(),
                                             "group_probs": probs.contiguous()}, str(p)))
     agree = {"signature": sig, **agreement(groups, probs.numpy()), "inference_s": secs}
-    _write_json(out / "agreement.json", agree)
+    atomic_write_json(out / "agreement.json", agree)
     log.info("augmentation: %d items in %.1f s; C1 %.3f C2 %.3f C3 %.3f", agree["items"], secs,
              agree["C1"], agree["C2"], agree["C3"])
     return emb, agree
@@ -234,7 +230,7 @@ def stage_fusion(cfg, ds, groups, enhanced, out: Path, device) -> dict:
                  {"enhanced": enhanced} if variant == "p2rec" else \
                  {"enhanced": retriever_table(cfg)} if variant == "emb" else {}
         rep = train_variant(ds, rcfg, variant, folder, device, **extras)
-        _write_json(folder / "signature.json", {"signature": sig})
+        atomic_write_json(folder / "signature.json", {"signature": sig})
         log.info("%s %s: test N@10 %.4f R@20 %.4f (%.0f s)", model, variant,
                  rep["test"]["NDCG@10"], rep["test"]["Recall@20"], time.perf_counter() - t0)
         reports[(model, variant, seed)] = rep
@@ -307,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                    "sft": json.loads((out / "sft" / "sft.json").read_text())
                    if (out / "sft" / "sft.json").exists() else None,
                    "test": {f"{m}-{v}-s{sd}": r["test"] for (m, v, sd), r in reports.items()}}
-        _write_json(out / "summary.json", summary)
+        atomic_write_json(out / "summary.json", summary)
         atomic_write(out / "table.md", lambda p: p.write_text(md + "\n"))
         print(md)
     return 0

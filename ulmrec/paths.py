@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -33,6 +34,12 @@ def atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_json(path: Path, data, **dumps) -> None:
+    """JSON (indent 1, unknown types as str) written through atomic_write, as UTF-8."""
+    text = json.dumps(data, **{"indent": 1, "default": str, **dumps})
+    atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
 
 
 def atomic_dir(target: Path, fill) -> None:

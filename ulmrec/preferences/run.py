@@ -24,7 +24,7 @@ from .clean import clean_text
 from .extractive import ExtractiveBackend
 from .prompt import TASKS, PromptConfig, build_prompt, user_histories
 from .release import release_coverage
-from ..paths import atomic_write, runs_root
+from ..paths import atomic_write_json, runs_root
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +83,6 @@ def make_backend(cfg: PreferenceConfig, ds):
 
 def output_path(out_dir: Path, task: str, backend_name: str) -> Path:
     return Path(out_dir) / f"{task}-{backend_name}.json"
-
-
-def _atomic_json(path: Path, obj) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, ensure_ascii=False, indent=1),
-                                              encoding="utf-8"))
 
 
 def extract(ds, backend, cfg: PreferenceConfig, out_dir: Path | None = None,
@@ -159,7 +154,7 @@ def extract(ds, backend, cfg: PreferenceConfig, out_dir: Path | None = None,
                "users_per_s": round(len(todo) / seconds, 3) if todo and seconds else None,
                "config": asdict(cfg)}
     path = output_path(out_dir, cfg.task, backend.name)
-    _atomic_json(path, {"summary": summary, "texts": texts, "status": status})
+    atomic_write_json(path, {"summary": summary, "texts": texts, "status": status}, ensure_ascii=False)
     log.info("wrote %s: %s", path, {k: summary[k] for k in
                                      ("users", "done", "cached", "failed", "fallback")})
     summary["path"] = str(path)

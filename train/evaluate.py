@@ -61,10 +61,9 @@ def _run_config(name: str, base: EvaluateConfig) -> tuple[Path, EvaluateConfig]:
         raise FileNotFoundError(f"{folder}: no trained adapter (run `python -m train.finetune "
                                 f"--dataset {base.dataset} --run-name {run}`)")
     saved = json.loads((folder / "ulmrec_config.json").read_text())
-    keep = {k: v for k, v in saved.items() if k in EvaluateConfig.__dataclass_fields__}
-    cfg = from_dict(EvaluateConfig, {**keep, "runs": base.runs, "baselines": base.baselines,
+    cfg = from_dict(EvaluateConfig, {**saved, "runs": base.runs, "baselines": base.baselines,
                                      "max_users": base.max_users, "batch_size": base.batch_size,
-                                     "retriever": base.retriever, "seed": base.seed})
+                                     "retriever": base.retriever, "seed": base.seed}, known_only=True)
     if variant == "uid":
         cfg = replace(cfg, no_history=True)
     elif variant:

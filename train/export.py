@@ -170,8 +170,7 @@ def export(cfg: ExportConfig) -> Path:
         raise FileNotFoundError(f"{src}: no trained adapter (run `python -m train.finetune --dataset "
                                 f"{cfg.dataset} --run-name {cfg.run_name}`)")
     run_cfg_dict = json.loads((src / "ulmrec_config.json").read_text())
-    run_cfg = from_dict(ServeConfig, {k: v for k, v in run_cfg_dict.items()
-                                      if k in ServeConfig.__dataclass_fields__})
+    run_cfg = from_dict(ServeConfig, run_cfg_dict, known_only=True)
     metrics = _metrics(cfg, ds.name)
     out = Path(cfg.out) if cfg.out else runs_root() / ds.name / "bundle"
     if not out.is_absolute():

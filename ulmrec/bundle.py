@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import threading
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -176,9 +176,7 @@ class Bundle:
     def ranker_config(self, **overrides):
         """The ranker + task settings the adapter was trained with (+ overrides such as no_history)."""
         from .config import from_dict
-        names = {f.name for f in fields(ServeConfig)}
-        return from_dict(ServeConfig, {**{k: v for k, v in self.config.items() if k in names},
-                                          **overrides})
+        return from_dict(ServeConfig, {**self.config, **overrides}, known_only=True)
 
     def model(self):
         """(model, tokenizer), loaded once: CUDA when present (4-bit if configured), else CPU."""

@@ -50,10 +50,12 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
     return parser
 
 
-def from_dict(cls: type[T], values: dict) -> T:
+def from_dict(cls: type[T], values: dict, known_only: bool = False) -> T:
+    """cls from a dict (lists become tuples where the field is a tuple); unknown keys are an
+    error, or dropped with known_only (a saved config read back by a narrower class)."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
-    if unknown:
+    if unknown and not known_only:
         raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}; "
                          f"known: {', '.join(sorted(names))}")
     out = {}

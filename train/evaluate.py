@@ -25,13 +25,12 @@ from ulmrec.config import from_dict, parse_config
 from ulmrec.data import load_dataset
 from ulmrec.metrics import rank_and_overall, ranks_in_list, target_ranks
 from ulmrec.model import score_examples
-from ulmrec.paths import atomic_write
+from ulmrec.paths import atomic_write, repo_path
 from ulmrec.ranker import (RankerConfig, load_base, load_candidates, load_ranker,
                            load_task_inputs, runs_root)
 from ulmrec.tasks import TaskConfig, eval_examples
 
 log = logging.getLogger("train.evaluate")
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -44,6 +43,11 @@ class EvaluateConfig(RankerConfig, TaskConfig):
     max_users: int = field(default=0, metadata={"help": "test users sampled (0 = all)"})
     batch_size: int = 8
     results_dir: str = "results"
+
+
+def results_stem(results_dir: str, dataset: str) -> Path:
+    """<results_dir>/<dataset> (+ .json / .md): where the table of a dataset is written."""
+    return repo_path(results_dir) / Path(dataset).name
 
 
 def _evaluate_scores(frame: pd.DataFrame, examples, scores: np.ndarray) -> dict:
@@ -122,11 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write(folder.parent / name, lambda p: pred.to_parquet(p, index=False))
         del model
 
-    out_dir = Path(cfg.results_dir)
-    if not out_dir.is_absolute():
-        out_dir = REPO_ROOT / out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / Path(cfg.dataset).name
+    stem = results_stem(cfg.results_dir, cfg.dataset)
+    stem.parent.mkdir(parents=True, exist_ok=True)
     payload = {"dataset": ds.name, "test_users": len(users), "retriever": cfg.retriever,
                "command": "python -m train.evaluate " + " ".join(argv if argv is not None else sys.argv[1:]),
                "results": results}

@@ -22,12 +22,13 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from train.evaluate import results_stem
 from ulmrec import __version__
 from ulmrec.bundle import FORMAT, MANIFEST, ServeConfig, dataset_tables, sha256_file, verify_bundle
 from ulmrec.config import from_dict, parse_config
 from ulmrec.data import load_dataset
 from ulmrec.indexing.table import parse_token_string
-from ulmrec.paths import REPO_ROOT, atomic_dir, runs_root
+from ulmrec.paths import atomic_dir, repo_path, runs_root
 from ulmrec.ranker import load_candidates, load_pid_table, load_preference_series
 from ulmrec.tasks import user_index_strings
 
@@ -52,6 +53,10 @@ class ExportConfig:
     config_file: str | None = field(default=None, metadata={
         "help": "pipeline YAML copied into the bundle as config.yaml (default: the run's config)"})
     repo_id: str | None = field(default=None, metadata={"help": "Hub repo id named in the model card"})
+
+
+def bundle_dir(cfg: ExportConfig, ds_name: str) -> Path:
+    return repo_path(cfg.out) if cfg.out else runs_root() / ds_name / "bundle"
 
 
 def backbone_reference(cfg: dict) -> dict:
@@ -102,8 +107,7 @@ def _candidates(ds, run_cfg) -> pd.DataFrame:
 
 
 def _metrics(cfg: ExportConfig, ds_name: str) -> dict:
-    path = Path(cfg.results_dir)
-    path = (path if path.is_absolute() else REPO_ROOT / path) / f"{ds_name}.json"
+    path = results_stem(cfg.results_dir, ds_name).with_suffix(".json")
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run `python -m train.evaluate --dataset {ds_name} "
                                 f"--runs {cfg.run_name}` before exporting")
@@ -172,9 +176,7 @@ def export(cfg: ExportConfig) -> Path:
     run_cfg_dict = json.loads((src / "ulmrec_config.json").read_text())
     run_cfg = from_dict(ServeConfig, run_cfg_dict, known_only=True)
     metrics = _metrics(cfg, ds.name)
-    out = Path(cfg.out) if cfg.out else runs_root() / ds.name / "bundle"
-    if not out.is_absolute():
-        out = REPO_ROOT / out
+    out = bundle_dir(cfg, ds.name)
 
     def fill(tmp: Path) -> None:
         for name in ADAPTER_FILES + TOKENIZER_FILES:

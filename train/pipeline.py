@@ -40,7 +40,7 @@ from typing import Any
 import yaml
 
 from ulmrec.config import from_dict, load_yaml, parse_config
-from ulmrec.paths import REPO_ROOT, atomic_write, cache_root, runs_root
+from ulmrec.paths import atomic_write, cache_root, runs_root
 
 log = logging.getLogger("train.pipeline")
 
@@ -81,11 +81,6 @@ def dataset_name(dataset: str) -> str:
     return resolve_source(DataConfig(dataset=dataset))[0]
 
 
-def _repo_path(path: str) -> Path:
-    # evaluate and export resolve a relative folder against the repository, not the cwd
-    return Path(path) if Path(path).is_absolute() else REPO_ROOT / path
-
-
 def _data_outputs(cfg) -> list[Path]:
     from ulmrec.data.dataset import fingerprint, resolve_source
     name, kind, files = resolve_source(cfg)
@@ -116,12 +111,14 @@ def _finetune_outputs(cfg) -> list[Path]:
 
 
 def _evaluate_outputs(cfg) -> list[Path]:
-    stem = _repo_path(cfg.results_dir) / Path(cfg.dataset).name
+    from train.evaluate import results_stem
+    stem = results_stem(cfg.results_dir, cfg.dataset)
     return [stem.with_suffix(".json"), stem.with_suffix(".md")]
 
 
 def _export_outputs(cfg) -> list[Path]:
-    out = _repo_path(cfg.out) if cfg.out else runs_root() / dataset_name(cfg.dataset) / "bundle"
+    from train.export import bundle_dir
+    out = bundle_dir(cfg, dataset_name(cfg.dataset))
     return [out / "bundle.json"]
 
 

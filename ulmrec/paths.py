@@ -11,6 +11,12 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def repo_path(path: str | Path) -> Path:
+    """A relative output folder (results/, assets/…) lives in the repository, not the cwd."""
+    path = Path(path)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
 def cache_root() -> Path:
     """Processed data, embeddings and converted backbones (ULMREC_CACHE overrides)."""
     return Path(os.environ.get("ULMREC_CACHE", REPO_ROOT / "cache"))

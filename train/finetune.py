@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ulmrec.checkpoint import load_checkpoint, read_state, save_checkpoint
 from ulmrec.config import parse_config
 from ulmrec.data import load_dataset
 from ulmrec.metrics import metrics_from_ranks, target_ranks
@@ -125,32 +126,16 @@ def main(argv: list[str] | None = None) -> int:
 
     state = {"step": 0, "best": -1.0, "bad_evals": 0, "history": [], "done": False}
     ckpt = out / "checkpoint"
-    if cfg.resume and (ckpt / "state.json").exists():
-        state = json.loads((ckpt / "state.json").read_text())
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-        set_peft_model_state_dict(acc.unwrap_model(model), load_file(ckpt / "trainable.safetensors"))
-        optim.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        sched.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    if cfg.resume and read_state(ckpt) is not None:
+        state = load_checkpoint(ckpt, acc.unwrap_model(model), optim, sched)
         log.info("resumed from %s at step %d (best NDCG@10 %.4f)", ckpt, state["step"], state["best"])
     if state["done"]:
         log.info("run already finished; nothing to do (use --no-resume to retrain)")
         return 0
 
-    def save_checkpoint():
-        from peft import get_peft_model_state_dict
-        from safetensors.torch import save_file
-
-        def write(tmp: Path):
-            sd = get_peft_model_state_dict(acc.unwrap_model(model), save_embedding_layers=False)
-            # clone: tied embedding / LM-head adapters share storage, which safetensors refuses
-            save_file({k: v.detach().cpu().clone().contiguous() for k, v in sd.items()},
-                      tmp / "trainable.safetensors")
-            torch.save(optim.state_dict(), tmp / "optimizer.pt")
-            torch.save(sched.state_dict(), tmp / "scheduler.pt")
-            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    def save():
         if acc.is_main_process:
-            atomic_dir(ckpt, write)
+            save_checkpoint(ckpt, acc.unwrap_model(model), optim, sched, state)
 
     def save_adapter(name: str):
         if acc.is_main_process:
@@ -206,9 +191,9 @@ def main(argv: list[str] | None = None) -> int:
                     log.info("early stop: %d validations without improvement", cfg.patience)
                     at_end = True
                 state["done"] = at_end
-                save_checkpoint()
+                save()
             if cfg.stop_after and state["step"] >= cfg.stop_after and not at_end:
-                save_checkpoint()
+                save()
                 log.info("stopping at step %d as asked (--stop-after); rerun to resume", state["step"])
                 return 0
             if at_end:
@@ -217,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             break
     bar.close()
     state["done"] = True
-    save_checkpoint()
+    save()
     save_adapter("last")
     train_s = time.time() - t_train
     summary = {

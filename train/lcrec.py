@@ -177,9 +177,9 @@ def _task_data(cfg: LcRecConfig, ds, table: pd.DataFrame):
 
 def stage_finetune(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> bool:
     """Train (or resume) the adapter; False when it stopped early on purpose (--stop-after)."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
     from transformers import get_linear_schedule_with_warmup
+
+    from ulmrec.checkpoint import load_checkpoint, read_state, save_checkpoint
 
     from ulmrec.lcrec.tasks import sample_users, training_examples
     from ulmrec.model import add_index_tokens, collate, encode, index_vocabulary, response_loss, wrap_lora
@@ -191,9 +191,7 @@ def stage_finetune(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> bool
     if cfg.force and "finetune" in cfg.stages:
         import shutil
         shutil.rmtree(folder, ignore_errors=True)
-    state = {"step": 0, "done": False, "losses": []}
-    if (ckpt / "state.json").exists():
-        state = json.loads((ckpt / "state.json").read_text())
+    state = read_state(ckpt) or {"step": 0, "done": False, "losses": []}
     if state["done"] and adapter.exists():
         log.info("finetune already done (%d steps)", state["step"])
         return True
@@ -218,22 +216,11 @@ def stage_finetune(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> bool
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
     sched = get_linear_schedule_with_warmup(optim, min(cfg.warmup_steps, total // 10 or 1), total)
     if state["step"]:
-        set_peft_model_state_dict(model, load_file(ckpt / "trainable.safetensors"))
-        optim.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        sched.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+        load_checkpoint(ckpt, model, optim, sched)
         log.info("resumed at step %d of %d", state["step"], total)
 
-    def save_checkpoint():
-        def write(tmp: Path):
-            # the index rows travel as trainable-token deltas: no copy of the whole embedding
-            sd = get_peft_model_state_dict(model, save_embedding_layers=False)
-            # clone: tied embedding / LM-head token rows share storage, which safetensors refuses
-            save_file({k: v.detach().cpu().clone().contiguous() for k, v in sd.items()},
-                      tmp / "trainable.safetensors")
-            torch.save(optim.state_dict(), tmp / "optimizer.pt")
-            torch.save(sched.state_dict(), tmp / "scheduler.pt")
-            (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        atomic_dir(ckpt, write)
+    def save():
+        save_checkpoint(ckpt, model, optim, sched, state)
 
     model.train()
     tokens = 0
@@ -256,9 +243,9 @@ def stage_finetune(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> bool
             log.info("step %d/%d loss %.4f (mean of last 10: %.4f)", state["step"], total,
                      loss.item(), float(np.mean(state["losses"][-10:])))
         if state["step"] % cfg.ckpt_every == 0 and state["step"] < total:
-            save_checkpoint()
+            save()
         if cfg.stop_after and state["step"] >= cfg.stop_after and state["step"] < total:
-            save_checkpoint()
+            save()
             log.info("stopping at step %d as asked (--stop-after); rerun to resume", state["step"])
             return False
     secs = time.time() - t_train
@@ -269,7 +256,7 @@ def stage_finetune(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> bool
         (tmp / "lcrec_config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
     atomic_dir(adapter, write_adapter)
     state["done"] = True
-    save_checkpoint()
+    save()
     atomic_write_json(folder / "train_summary.json", {
         "dataset": ds.name, "steps": state["step"], "examples": counts, "notes": notes,
         "train_users": cfg.train_users or ds.num_users, "first_losses": state["losses"][:10],

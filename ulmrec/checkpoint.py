@@ -1,0 +1,45 @@
+"""Resumable fine-tuning checkpoints: the trainable weights only (LoRA + index-token rows),
+the optimizer, the scheduler and the loop's own state, one folder swapped in atomically."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .paths import atomic_dir
+
+
+def read_state(folder: Path) -> dict | None:
+    """The loop state of a checkpoint, or None when there is none."""
+    path = Path(folder) / "state.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def save_checkpoint(folder: Path, model, optim, sched, state: dict) -> None:
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    def write(tmp: Path) -> None:
+        # Without save_embedding_layers=False PEFT copies the whole resized embedding (235 MB
+        # for the 135M backbone); the index rows travel as trainable-token deltas anyway.
+        sd = get_peft_model_state_dict(model, save_embedding_layers=False)
+        # clone: tied embedding / LM-head token rows share storage, which safetensors refuses
+        save_file({k: v.detach().cpu().clone().contiguous() for k, v in sd.items()},
+                  tmp / "trainable.safetensors")
+        torch.save(optim.state_dict(), tmp / "optimizer.pt")
+        torch.save(sched.state_dict(), tmp / "scheduler.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    atomic_dir(folder, write)
+
+
+def load_checkpoint(folder: Path, model, optim, sched) -> dict:
+    """Restore weights, optimizer and scheduler in place; returns the loop state."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    set_peft_model_state_dict(model, load_file(folder / "trainable.safetensors"))
+    optim.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    sched.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    return read_state(folder)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from ulmrec.config import parse_config
 from ulmrec.data import load_dataset
@@ -225,6 +226,7 @@ def stage_finetune(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> bool
     model.train()
     tokens = 0
     t_train = time.time()
+    bar = tqdm(total=total, initial=state["step"], desc="lcrec finetune", unit="step")
     while state["step"] < total:
         # the order of each epoch comes from (seed, epoch): a resumed run replays it exactly
         epoch, pos = divmod(state["step"], steps_per_epoch)
@@ -239,6 +241,8 @@ def stage_finetune(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> bool
         tokens += int(batch["attention_mask"].sum())
         state["step"] += 1
         state["losses"].append(round(loss.item(), 4))
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
         if state["step"] % 10 == 0 or state["step"] == total:
             log.info("step %d/%d loss %.4f (mean of last 10: %.4f)", state["step"], total,
                      loss.item(), float(np.mean(state["losses"][-10:])))
@@ -246,8 +250,10 @@ def stage_finetune(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> bool
             save()
         if cfg.stop_after and state["step"] >= cfg.stop_after and state["step"] < total:
             save()
+            bar.close()
             log.info("stopping at step %d as asked (--stop-after); rerun to resume", state["step"])
             return False
+    bar.close()
     secs = time.time() - t_train
 
     def write_adapter(tmp: Path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .llm import P2RecLM
 
@@ -16,7 +17,8 @@ def enhance_items(model: P2RecLM, num_items: int, batch_size: int = 64) -> tuple
     """(enhanced embeddings [N+1, D], group distributions [N+1, K]); row 0 (padding) is zero."""
     model.eval()
     embs, probs = [], []
-    for start in range(1, num_items + 1, batch_size):
+    for start in tqdm(range(1, num_items + 1, batch_size), desc="enhance items", unit="batch",
+                      leave=False):
         ids = range(start, min(start + batch_size, num_items + 1))
         h, p = model([[i] for i in ids])
         embs.append(h.cpu())

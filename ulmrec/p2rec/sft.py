@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..paths import atomic_write
 from .llm import P2RecLM, sft_loss
@@ -57,7 +58,8 @@ def train_sft(model: P2RecLM, histories: list[list[int]], targets: np.ndarray, *
     for epoch in range(state["epoch"], epochs):
         model.train()
         t0, total, n = time.perf_counter(), 0.0, 0
-        for idx in batches(len(histories), batch_size, seed, epoch):
+        for idx in tqdm(batches(len(histories), batch_size, seed, epoch), desc=f"SFT epoch {epoch + 1}",
+                        unit="batch", leave=False):
             _, pred = model([histories[i] for i in idx])
             loss = sft_loss(pred, y[idx].to(device))
             opt.zero_grad(set_to_none=True)

@@ -33,6 +33,15 @@ def _write_pid_table(ds, runs: Path) -> None:
     table.to_parquet(out / "user_index.parquet")
 
 
+def _tiny_lcrec() -> None:
+    """A 3-step LC-Rec run (real item index, tiny random Llama) for the whole-catalogue tab."""
+    from train import lcrec
+    assert lcrec.main(["--dataset", "gift-cards", "--tiny-backbone", "--index-epochs", "5",
+                       "--max-steps", "3", "--batch-size", "2", "--eval-users", "4", "--beams", "6",
+                       "--topn", "5", "--prompt-format", "alpaca", "--max-history", "5",
+                       "--preference-source", "none"]) == 0
+
+
 def build_tiny_bundle(root: Path) -> Path:
     """root/bundle: a 2-step run exported the way the real demo bundle is (with its data).
     Built once per session and shared by test_app and test_app_browser."""
@@ -48,8 +57,10 @@ def build_tiny_bundle(root: Path) -> Path:
     try:
         _write_pid_table(load_dataset("gift-cards"), root / "runs")
         train_and_evaluate(ARGS, root / "results")
+        _tiny_lcrec()
         assert export.main(["--dataset", "gift-cards", "--run-name", "t", "--results-dir",
-                            str(root / "results"), "--out", str(bundle)]) == 0
+                            str(root / "results"), "--out", str(bundle),
+                            "--lcrec", str(root / "runs" / "gift-cards" / "lcrec")]) == 0
     finally:
         mp.undo()
     return bundle
@@ -314,3 +325,32 @@ def test_batched_ladder_matches_one_decode_per_prefix(data):
     one_by_one = [data.bundle.decode(p, max_new_tokens=28) or "(empty)" for p in table["prefix"]]
     assert list(table["generated preference"]) == one_by_one
     assert any(t != "(empty)" for t in one_by_one)
+
+
+def test_whole_catalogue_tab_generates_real_unseen_items(data):
+    from ulmrec.app import catalogue
+    from ulmrec.app.logic import AppError
+    bundle = data.bundle
+    assert bundle.has_lcrec and bundle.manifest["lcrec"]["items"] == len(bundle.items)
+    assert "lcrec/adapter_model.safetensors" in bundle.manifest["files"]
+    user = int(data.users.index[7])
+    summary, table = catalogue.catalogue_view(data, user)
+    assert 0 < len(table) <= catalogue.TOPN and "LC-Rec generated" in summary
+    index = dict(zip(bundle.lcrec_items["item"], bundle.lcrec_items["index"]))
+    by_index = {v: k for k, v in index.items()}
+    items = [by_index[s] for s in table["item index"]]        # every answer is a catalogue item
+    history = set(bundle.users.set_index("user").at[user, "history"])
+    assert len(set(items)) == len(items) and not history & set(items)
+    assert table["title"].tolist() == [data.titles[i] for i in items]
+    logp = table["log-probability"].to_numpy()
+    assert np.all(np.diff(logp) <= 1e-3) and np.all(logp <= 0)
+    cands = set(data.test_candidates[user])
+    assert (table["in retriever's 20"] == "✓").tolist() == [i in cands for i in items]
+    target = int(bundle.users.set_index("user").at[user, "target"])
+    assert (table["target"] == "✓").tolist() == [i == target for i in items]
+    assert ("rank **" in summary) == (target in items)
+    # a bundle without the part says how to make one
+    from dataclasses import replace
+    bare = replace(data, bundle=replace(bundle, lcrec_items=None))
+    with pytest.raises(AppError, match="no LC-Rec part"):
+        catalogue.catalogue_view(bare, user)

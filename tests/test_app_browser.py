@@ -114,3 +114,18 @@ def test_random_user_and_unknown_user(page, served):
     page.locator("#user input").press_sequentially("NOBODY-HERE", delay=20)
     page.keyboard.press("Enter")
     _wait_text(page, "#status", "unknown user 'NOBODY-HERE'")
+
+
+def test_whole_catalogue_tab_in_a_browser(page, served):
+    url, data = served
+    page.goto(url)
+    page.wait_for_selector("#chart .ytick text")
+    user = int(page.input_value("#user input").rsplit("#", 1)[1])
+    page.get_by_role("tab", name="Whole catalogue (LC-Rec)").click()
+    page.click("#catalogue-btn")
+    _wait_text(page, "#catalogue-summary", f"for user #{user}")
+    top = data.bundle.recommend_catalogue(user)          # the page shows what the bundle says
+    for title, index in zip(top["title"][:3], top["index"][:3]):
+        _wait_text(page, "#catalogue-table", index)
+        _wait_text(page, "#catalogue-table", str(title)[:20])
+    assert page.outside == []

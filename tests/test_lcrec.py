@@ -159,6 +159,9 @@ def test_train_lcrec_end_to_end_then_skips_done_stages(tmp_path, monkeypatch):
     result = json.loads((run / "eval" / "metrics_test.json").read_text())
     assert result["users"] == 4 and result["all_generated_items_valid"]
     assert set(result["metrics"]) == {"HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10"}
+    ref = result["reference"]                     # same users, popularity; no LRURec run here
+    assert set(ref["popularity (training counts)"]) == set(result["metrics"])
+    assert "retriever reference skipped" in ref["notes"][0]
     summary = json.loads((run / "index" / "summary.json").read_text())
     assert summary["collisions"]["after"]["colliding_users"] == 0
     # a rerun finds every stage done and changes nothing

@@ -302,3 +302,15 @@ def test_data_and_retrieve_on_gift_cards_run_once(monkeypatch, tmp_path, capsys)
     table = capsys.readouterr().out
     assert "data         skipped (current)" in table and "retrieve     skipped (current)" in table
     assert out.stat().st_mtime_ns == first
+
+
+def test_export_carries_the_lcrec_run_of_the_pipeline(monkeypatch, tmp_path):
+    if not (data_root() / SOURCES["gift-cards"][1]).is_dir():
+        pytest.skip("shared data not found")
+    monkeypatch.setenv("ULMREC_RUNS", str(tmp_path))
+    spec = {"dataset": "gift-cards", "lcrec": {"tag": "small", "max_steps": 3}, "export": {}}
+    sections = pipeline.build_sections(spec, PipelineConfig(), pipeline.STAGES, None)
+    assert sections["export"]["lcrec"] == str(tmp_path / "gift-cards" / "lcrec" / "small")
+    assert [s.name for s in pipeline.STAGES][-2:] == ["lcrec", "export"]
+    del spec["lcrec"]                  # no LC-Rec section: a bundle without the part
+    assert "lcrec" not in pipeline.build_sections(spec, PipelineConfig(), pipeline.STAGES, None)["export"]

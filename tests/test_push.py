@@ -16,7 +16,7 @@ from fake_hub import FakeHub
 from huggingface_hub import constants
 
 from train import push as push_cli
-from ulmrec.bundle import FORMAT, MANIFEST, REQUIRED_FILES, BundleError, sha256_file
+from ulmrec.bundle import FORMAT, LCREC_DIR, LCREC_FILES, MANIFEST, REQUIRED_FILES, BundleError, sha256_file
 from ulmrec.hub import HubError, default_commit_message, download_bundle, push_bundle
 
 TOKEN = "hf_fakeWriteToken0123456789abcdef"
@@ -71,7 +71,7 @@ def hub(hf_home, monkeypatch):
         yield server
 
 
-def write_bundle(folder: Path, run: str | None = "ulmrec") -> Path:
+def write_bundle(folder: Path, run: str | None = "ulmrec", lcrec: bool = False) -> Path:
     """Every required file with small stand-in contents, and a manifest that hashes them."""
     folder.mkdir(parents=True)
     texts = {
@@ -93,6 +93,12 @@ def write_bundle(folder: Path, run: str | None = "ulmrec") -> Path:
                  ).to_parquet(folder / "candidates.parquet", index=False)
     files = {n: sha256_file(folder / n) for n in REQUIRED_FILES if n != MANIFEST}
     manifest = {"format": FORMAT, "dataset": {"name": "gift-cards"}, "includes_data": False, "files": files}
+    if lcrec:  # the optional whole-catalogue part lives in a sub-folder
+        (folder / LCREC_DIR).mkdir()
+        for name in LCREC_FILES:
+            (folder / LCREC_DIR / name).write_bytes(f"lcrec {name}".encode())
+            files[f"{LCREC_DIR}/{name}"] = sha256_file(folder / LCREC_DIR / name)
+        manifest["lcrec"] = {"items": 3}
     if run is not None:
         manifest["run"] = run
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -214,6 +220,18 @@ def test_download_round_trip_then_offline_from_cache(hub, bundle, hf_home, monke
     before = len(hub.requests)
     assert download_bundle(REPO) == folder
     assert len(hub.requests) == before
+
+
+def test_lcrec_part_travels_in_its_sub_folder(hub, tmp_path):
+    bundle = write_bundle(tmp_path / "with-lcrec", lcrec=True)
+    push_bundle(bundle, REPO, token=TOKEN)
+    assert f"{LCREC_DIR}/item_index.parquet" in hub.files(REPO)
+    folder = download_bundle(REPO, token=TOKEN)
+    assert folder_bytes(folder) == folder_bytes(bundle)
+    # a bundle that announces the part but lacks a file of it is refused by name
+    (bundle / LCREC_DIR / "item_index.parquet").unlink()
+    with pytest.raises(BundleError, match="lcrec/item_index.parquet"):
+        push_bundle(bundle, REPO, token=TOKEN)
 
 
 def test_download_at_a_revision(hub, bundle):

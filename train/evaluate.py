@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -23,7 +22,7 @@ import pandas as pd
 
 from ulmrec.config import from_dict, parse_config
 from ulmrec.data import load_dataset
-from ulmrec.metrics import rank_and_overall, ranks_in_list, target_ranks
+from ulmrec.metrics import rank_and_overall, ranks_in_list, sample_eval_users, target_ranks
 from ulmrec.model import score_examples
 from ulmrec.paths import atomic_write, repo_path
 from ulmrec.ranker import (RankerConfig, load_base, load_candidates, load_ranker,
@@ -81,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ds = load_dataset(cfg.data_config())
     cands = load_candidates(ds, cfg, "test")
     if cfg.max_users and len(cands) > cfg.max_users:
-        keep = sorted(random.Random(cfg.seed).sample(sorted(cands["user"].tolist()), cfg.max_users))
+        keep = sample_eval_users(cands["user"], cfg.max_users, cfg.seed)
         cands = cands[cands["user"].isin(keep)]
     users = sorted(cands["user"].astype(int).tolist())
     results: dict[str, dict] = {}

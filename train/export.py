@@ -24,7 +24,7 @@ import yaml
 
 from train.evaluate import results_stem
 from ulmrec import __version__
-from ulmrec.bundle import FORMAT, MANIFEST, ServeConfig, dataset_tables, sha256_file, verify_bundle
+from ulmrec.bundle import FORMAT, LCREC_DIR, MANIFEST, ServeConfig, dataset_tables, sha256_file, verify_bundle
 from ulmrec.config import from_dict, parse_config
 from ulmrec.data import load_dataset
 from ulmrec.indexing.table import parse_token_string
@@ -53,6 +53,9 @@ class ExportConfig:
     config_file: str | None = field(default=None, metadata={
         "help": "pipeline YAML copied into the bundle as config.yaml (default: the run's config)"})
     repo_id: str | None = field(default=None, metadata={"help": "Hub repo id named in the model card"})
+    lcrec: str = field(default="", metadata={
+        "help": "LC-Rec run to carry as lcrec/ (runs/<dataset>/lcrec[/<tag>], made by train.lcrec): "
+                "the app's whole-catalogue mode"})
 
 
 def bundle_dir(cfg: ExportConfig, ds_name: str) -> Path:
@@ -118,6 +121,34 @@ def _metrics(cfg: ExportConfig, ds_name: str) -> dict:
     return payload
 
 
+def _lcrec_part(folder: str, ds) -> tuple[Path, dict, pd.DataFrame, dict]:
+    """(adapter dir, its config, item index keyed by asin, evaluation) of an LC-Rec run."""
+    run = repo_path(folder)
+    adapter = run / "finetune" / "adapter"
+    if not (adapter / "lcrec_config.json").exists():
+        raise FileNotFoundError(f"{adapter}: no LC-Rec adapter (run `python -m train.lcrec --dataset "
+                                f"{ds.name}` first)")
+    config = json.loads((adapter / "lcrec_config.json").read_text())
+    # the item index is shared by the tagged runs of one run folder
+    index_file = next((d / "index" / "item_index.parquet" for d in (run, run.parent)
+                       if (d / "index" / "item_index.parquet").exists()), None)
+    if index_file is None:
+        raise FileNotFoundError(f"{run}: no index/item_index.parquet beside the LC-Rec adapter")
+    table = pd.read_parquet(index_file)
+    asin = dict(zip(ds.items["item"].astype(int), ds.items["asin"]))
+    unknown = sorted(set(table["item"].astype(int)) - set(asin))
+    if unknown:
+        raise ValueError(f"{index_file}: {len(unknown)} items not in {ds.name} (e.g. {unknown[:3]})")
+    table = table.assign(asin=[asin[int(i)] for i in table["item"]])
+    table = table[["asin", "index"] + [c for c in "abcd" if c in table]]
+    split = config.get("eval_split", "test")
+    metrics_file = run / "eval" / f"metrics_{split}.json"
+    if not metrics_file.exists():
+        raise FileNotFoundError(f"{metrics_file} not found: evaluate the LC-Rec run first "
+                                f"(`python -m train.lcrec --dataset {ds.name} --stages evaluate`)")
+    return adapter, config, table, json.loads(metrics_file.read_text())
+
+
 def model_card(manifest: dict, metrics: dict, repo_id: str | None) -> str:
     """Hub model card: YAML metadata (peft, base model, model-index) + a short body."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -162,9 +193,20 @@ from ulmrec.bundle import load_bundle
 bundle = load_bundle("{repo_id or 'path/to/bundle'}")
 ranking = bundle.rank([1])[0]        # letters, titles, probabilities, retriever rank
 ```
+{_lcrec_card(manifest.get("lcrec"))}
 {"This bundle carries no data: it is joined at load time with the dataset under ULMREC_DATA." if not manifest["includes_data"] else ""}
 """
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+def _lcrec_card(part: dict | None) -> str:
+    if not part:
+        return ""
+    m = part["metrics"]
+    return (f"## Whole-catalogue mode (LC-Rec)\n\n`lcrec/` holds an LC-Rec adapter (item indices over "
+            f"{part['items']} items, trie-constrained beam search) that recommends from the whole "
+            f"catalogue, no retriever: HR@10 {m['HR@10']:.4f}, NDCG@10 {m['NDCG@10']:.4f} on "
+            f"{part['users']} {part['split']} users. `bundle.recommend_catalogue(user)`.\n")
 
 
 def export(cfg: ExportConfig) -> Path:
@@ -176,6 +218,7 @@ def export(cfg: ExportConfig) -> Path:
     run_cfg_dict = json.loads((src / "ulmrec_config.json").read_text())
     run_cfg = from_dict(ServeConfig, run_cfg_dict, known_only=True)
     metrics = _metrics(cfg, ds.name)
+    lcrec = _lcrec_part(cfg.lcrec, ds) if cfg.lcrec else None
     out = bundle_dir(cfg, ds.name)
 
     def fill(tmp: Path) -> None:
@@ -204,14 +247,27 @@ def export(cfg: ExportConfig) -> Path:
             "preference_source": run_cfg.preference_source, "retriever": run_cfg.retriever,
             "load_in_4bit": run_cfg.load_in_4bit, "includes_data": cfg.include_data,
         }
+        if lcrec:
+            adapter, lc_cfg, items, result = lcrec
+            part = tmp / LCREC_DIR
+            part.mkdir()
+            for name in ADAPTER_FILES + TOKENIZER_FILES + ("lcrec_config.json",):
+                if (adapter / name).exists():
+                    shutil.copy2(adapter / name, part / name)
+            items.to_parquet(part / "item_index.parquet", index=False)
+            (part / "metrics.json").write_text(json.dumps(result, indent=1))
+            manifest["lcrec"] = {"items": len(items), "split": result["split"], "users": result["users"],
+                                 "metrics": result["metrics"], "backbone": backbone_reference(lc_cfg)}
         (tmp / "README.md").write_text(model_card(manifest, metrics, cfg.repo_id))
-        manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest["files"] = {p.relative_to(tmp).as_posix(): sha256_file(p)
+                             for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         verify_bundle(tmp)
 
     atomic_dir(out, fill)
-    size = sum(p.stat().st_size for p in out.iterdir()) / 1e6
-    log.info("bundle %s: %d files, %.1f MB%s", out, len(list(out.iterdir())), size,
+    files = [p for p in out.rglob("*") if p.is_file()]
+    size = sum(p.stat().st_size for p in files) / 1e6
+    log.info("bundle %s: %d files, %.1f MB%s", out, len(files), size,
              "" if cfg.include_data else " (no data: joined with ULMREC_DATA at load time)")
     return out
 

@@ -43,6 +43,8 @@ class LcRecConfig:
     dataset: str = field(default="games", metadata={"help": "dataset name (ulmrec.data)"})
     stages: tuple[str, ...] = field(default=STAGES, metadata={"help": f"subset of {STAGES}"})
     force: bool = field(default=False, metadata={"help": "redo the named stages"})
+    resume: bool = field(default=True, metadata={
+        "help": "reuse what earlier runs left (--no-resume = --force: the pipeline's fresh run)"})
     out: str = field(default="", metadata={"help": "run folder ('' → runs/<dataset>/lcrec)"})
     tag: str = field(default="", metadata={
         "help": "finetune/ and eval/ go to <run folder>/<tag>/ (the item index stays shared)"})
@@ -85,7 +87,11 @@ class LcRecConfig:
         "help": "leave after this many optimizer steps, resumable, as if interrupted (time boxes)"})
     # evaluation
     eval_split: str = field(default="test", metadata={"choices": ("val", "test")})
-    eval_users: int = field(default=0, metadata={"help": "random users evaluated (0 = all)"})
+    eval_users: int = field(default=0, metadata={
+        "help": "random users evaluated (0 = all); the same users as train.evaluate --max-users with this seed"})
+    reference_retriever: str = field(default="lrurec", metadata={
+        "help": "retriever whose top-20 lists are scored on the same users, beside popularity "
+                "('' = none; skipped with a note when its candidates are missing)"})
     beams: int = 20
     topn: int = 10
     exclude_history: bool = field(default=True, metadata={
@@ -115,6 +121,17 @@ def run_dir(cfg: LcRecConfig, ds_name: str) -> Path:
 def model_dir(cfg: LcRecConfig, ds_name: str) -> Path:
     """Where finetune/ and eval/ live: the run folder, or its <tag>/ sub-folder."""
     return run_dir(cfg, ds_name) / cfg.tag if cfg.tag else run_dir(cfg, ds_name)
+
+
+def outputs(cfg: LcRecConfig, ds_name: str) -> list[Path]:
+    """What a finished run leaves (the pipeline checks these; train.export reads them)."""
+    mdir = model_dir(cfg, ds_name)
+    out = [run_dir(cfg, ds_name) / "index" / "item_index.parquet"]
+    if "finetune" in cfg.stages:
+        out.append(mdir / "finetune" / "adapter" / "adapter_model.safetensors")
+    if "evaluate" in cfg.stages:
+        out.append(mdir / "eval" / f"metrics_{cfg.eval_split}.json")
+    return out
 
 
 # ---------------------------------------------------------------- stage 1: item index
@@ -282,12 +299,14 @@ def load_lcrec(out: Path, cfg: LcRecConfig):
 def stage_evaluate(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> dict:
     from ulmrec.lcrec.generate import generate_topn
     from ulmrec.lcrec.item_index import index_strings
-    from ulmrec.lcrec.tasks import LcRecData, eval_examples, sample_users
+    from ulmrec.lcrec.tasks import LcRecData, eval_examples
     from ulmrec.lcrec.trie import item_token_ids
+    from ulmrec.metrics import sample_eval_users
 
     folder = out / "eval"
     settings = {k: getattr(cfg, k) for k in ("eval_split", "eval_users", "beams", "topn",
                                              "exclude_history", "max_history", "prompt_format", "seed")}
+    settings["users"] = "sample_eval_users"   # the user sample train.evaluate draws too
     path = folder / f"metrics_{cfg.eval_split}.json"
     if path.exists() and not (cfg.force and "evaluate" in cfg.stages):
         done = json.loads(path.read_text())
@@ -296,7 +315,7 @@ def stage_evaluate(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> dict
     t0 = time.time()
     model, tok = load_lcrec(out, cfg)
     data = LcRecData(index=index_strings(table), titles={}, texts={}, train=None)
-    users = sample_users(ds, cfg.eval_users, cfg.seed + 1)
+    users = sample_eval_users(ds.users["user"], cfg.eval_users, cfg.seed)
     exs, histories = eval_examples(ds, data, cfg.eval_split, cfg.max_history, users)
     token_items = item_token_ids(tok, table)
     top, stats = generate_topn(model, tok, exs, token_items, n=cfg.topn, beams=cfg.beams,
@@ -317,7 +336,8 @@ def stage_evaluate(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> dict
               "all_generated_items_valid": valid, "beam_stats": stats,
               "items_per_user_mean": float(np.mean([len(t) for t in top])) if top else 0.0,
               "seconds": round(secs, 1), "s_per_user": round(secs / max(1, len(exs)), 2),
-              "settings": settings}
+              "settings": settings,
+              "reference": reference_rows(ds, cfg, [ex.user for ex in exs], histories, targets)}
     folder.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame({"user": [ex.user for ex in exs], "target": targets,
                           "items": [[i for i, _ in t] for t in top],
@@ -325,6 +345,40 @@ def stage_evaluate(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> dict
     atomic_write(folder / f"topn_{cfg.eval_split}.parquet", lambda p: frame.to_parquet(p, index=False))
     atomic_write_json(path, result)
     return result
+
+
+def _hr_ndcg(ranked: np.ndarray, targets: np.ndarray) -> dict:
+    m = metrics_from_ranks(ranks_in_list(ranked, targets), ks=(1, 5, 10))
+    return {"HR@1": m["Recall@1"], "HR@5": m["Recall@5"], "NDCG@5": m["NDCG@5"],
+            "HR@10": m["Recall@10"], "NDCG@10": m["NDCG@10"]}
+
+
+def reference_rows(ds, cfg: LcRecConfig, users: list[int], histories: list[list[int]],
+                   targets: np.ndarray) -> dict:
+    """Full-ranking HR/NDCG of simple references on the same users: most popular training
+    items (history excluded) and the retriever's own top list, when its run exists."""
+    counts = pd.Series([int(i) for seq in ds.sequences("train").values for i in seq]).value_counts()
+    popular = counts.index.to_numpy()
+    ranked = np.full((len(users), cfg.topn), -1, dtype=np.int64)
+    for row, hist in enumerate(histories):
+        seen = set(hist)
+        top = [int(i) for i in popular[: cfg.topn + len(seen)] if int(i) not in seen][: cfg.topn]
+        ranked[row, :len(top)] = top
+    out = {"popularity (training counts)": _hr_ndcg(ranked, targets)}
+    if cfg.reference_retriever:
+        from ulmrec.ranker import RankerConfig, load_candidates
+        try:
+            cands = load_candidates(ds, RankerConfig(retriever=cfg.reference_retriever), cfg.eval_split)
+        except FileNotFoundError as e:
+            out["notes"] = [f"retriever reference skipped: {e}"]
+            return out
+        lists = dict(zip(cands["user"].astype(int), cands["candidates"]))
+        ranked = np.full((len(users), cfg.topn), -1, dtype=np.int64)
+        for row, u in enumerate(users):
+            top = [int(i) for i in lists.get(u, [])][: cfg.topn]
+            ranked[row, :len(top)] = top
+        out[f"{cfg.reference_retriever} (its top list)"] = _hr_ndcg(ranked, targets)
+    return out
 
 
 def describe(index_summary: dict | None, result: dict | None) -> str:
@@ -342,8 +396,13 @@ def describe(index_summary: dict | None, result: dict | None) -> str:
         lines.append(f"{result['split']} ({result['users']} users, full ranking over the catalogue):")
         lines.append("| HR@1 | HR@5 | NDCG@5 | HR@10 | NDCG@10 |")
         lines.append("|---:|---:|---:|---:|---:|")
-        lines.append("| " + " | ".join(f"{m[k]:.4f}" for k in ("HR@1", "HR@5", "NDCG@5", "HR@10",
-                                                                "NDCG@10")) + " |")
+        keys = ("HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10")
+        lines[-2] = "| system | " + lines[-2][2:]
+        lines[-1] = "|---" + lines[-1]
+        rows = {"LC-Rec": m, **{k: v for k, v in result.get("reference", {}).items() if k != "notes"}}
+        for name, row in rows.items():
+            lines.append(f"| {name} | " + " | ".join(f"{row[k]:.4f}" for k in keys) + " |")
+        lines += result.get("reference", {}).get("notes", [])
         lines.append(f"all generated items valid: {result['all_generated_items_valid']}; "
                      f"{result['s_per_user']} s/user")
     return "\n".join(lines)
@@ -352,6 +411,8 @@ def describe(index_summary: dict | None, result: dict | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = parse_config(LcRecConfig, argv)
+    if not cfg.resume:
+        cfg.force = True
     unknown = set(cfg.stages) - set(STAGES)
     if unknown:
         print(f"error: unknown stage(s) {sorted(unknown)}; known: {STAGES}", file=sys.stderr)

@@ -5,12 +5,15 @@
     python -m train run --config configs/demo.yaml --from finetune   # redo finetune and after
     python -m train run --config configs/demo.yaml --only evaluate   # this stage alone, forced
 
-Stages, in order: data → retrieve → index → preferences → finetune → evaluate → export.
+Stages, in order: data → retrieve → index → preferences → finetune → evaluate → lcrec →
+export (lcrec, the LC-Rec baseline of train/lcrec.py, is optional: with a section, the bundle
+carries it as the app's whole-catalogue mode).
 The YAML holds `dataset:` (and `seed:`) at the top and one mapping per stage with that
 stage's own config keys; a stage without a section, or with `skip: true`, does not run.
 `dataset` reaches every stage and `seed` every stage that has one; evaluate takes the ranker
 keys it shares with finetune, export takes finetune's run_name and evaluate's results_dir
-(and the pipeline YAML as its config_file), unless a section sets them itself.
+(and the pipeline YAML as its config_file) and lcrec's run folder, unless a section sets
+them itself.
 
 Each stage runs in this process as `train.<stage>.main(["--config", <yaml>])` with its
 section written to runs/<dataset>/pipeline/<stage>.yaml. A stage's key hashes its section,
@@ -116,6 +119,11 @@ def _evaluate_outputs(cfg) -> list[Path]:
     return [stem.with_suffix(".json"), stem.with_suffix(".md")]
 
 
+def _lcrec_outputs(cfg) -> list[Path]:
+    from train.lcrec import outputs
+    return outputs(cfg, dataset_name(cfg.dataset))
+
+
 def _export_outputs(cfg) -> list[Path]:
     from train.export import bundle_dir
     out = bundle_dir(cfg, dataset_name(cfg.dataset))
@@ -129,6 +137,7 @@ STAGES = (
     Stage("preferences", "train.preferences", "PreferenceConfig", _preferences_outputs),
     Stage("finetune", "train.finetune", "FinetuneConfig", _finetune_outputs),
     Stage("evaluate", "train.evaluate", "EvaluateConfig", _evaluate_outputs),
+    Stage("lcrec", "train.lcrec", "LcRecConfig", _lcrec_outputs),
     Stage("export", "train.export", "ExportConfig", _export_outputs),
 )
 
@@ -207,6 +216,11 @@ def build_sections(spec: dict, cfg: PipelineConfig, stages, config_path: Path | 
             for k, v in sections[src].items():
                 if k in fields[dst] and k not in keep_out:
                     sections[dst].setdefault(k, v)
+    if sections.get("lcrec") is not None and sections.get("export") is not None \
+            and "lcrec" in fields["export"]:
+        from train.lcrec import LcRecConfig, model_dir
+        lcrec = from_dict(LcRecConfig, sections["lcrec"])
+        sections["export"].setdefault("lcrec", str(model_dir(lcrec, dataset_name(dataset))))
     # YAML → JSON-able plain values (tuples would not survive yaml.safe_dump)
     return {k: json.loads(json.dumps(v)) for k, v in sections.items()}
 

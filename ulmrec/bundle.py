@@ -14,6 +14,9 @@ A bundle is one folder (or a Hub model repo with the same files):
     config.yaml                 the pipeline configuration that made it
     README.md                   Hub model card
     items.parquet, users.parquet   only when the bundle carries its data (includes_data)
+    lcrec/                      optional (manifest key "lcrec"): an LC-Rec adapter + tokenizer,
+                                lcrec_config.json, item_index.parquet (asin → item index) and
+                                metrics.json: the app's whole-catalogue mode
 
 A bundle without data is joined at load time with the dataset under ULMREC_DATA.
 """
@@ -41,6 +44,9 @@ REQUIRED_FILES = (MANIFEST, "adapter_config.json", "adapter_model.safetensors", 
                   "tokenizer_config.json", "ulmrec_config.json", "user_index.parquet",
                   "candidates.parquet", "metrics.json", "config.yaml", "README.md")
 DATA_FILES = ("items.parquet", "users.parquet")
+LCREC_DIR = "lcrec"
+LCREC_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
+               "tokenizer_config.json", "lcrec_config.json", "item_index.parquet", "metrics.json")
 
 
 class BundleError(Exception):
@@ -61,6 +67,8 @@ def verify_bundle(folder: str | Path, check_hashes: bool = True) -> dict:
     if manifest.get("format") != FORMAT:
         raise BundleError(f"{folder / MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     needed = list(REQUIRED_FILES) + (list(DATA_FILES) if manifest.get("includes_data") else [])
+    if manifest.get("lcrec"):
+        needed += [f"{LCREC_DIR}/{f}" for f in LCREC_FILES]
     missing = [f for f in needed if not (folder / f).is_file()]
     if missing:
         raise BundleError(f"{folder}: incomplete bundle, missing {', '.join(missing)}")
@@ -164,7 +172,9 @@ class Bundle:
     candidates: pd.DataFrame       # user, split, candidates (item ids), scores
     metrics: dict
     notes: list[str] = field(default_factory=list)
+    lcrec_items: pd.DataFrame | None = None   # item, index, a..d (LC-Rec part only)
     _model: object = field(default=None, repr=False)
+    _lcrec: tuple | None = field(default=None, repr=False)
     _tok: object = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _inputs: dict = field(default_factory=dict, repr=False)
@@ -185,6 +195,50 @@ class Bundle:
                 from .ranker import load_ranker
                 self._model, self._tok = load_ranker(self.root, self.ranker_config())
             return self._model, self._tok
+
+    @property
+    def has_lcrec(self) -> bool:
+        return self.lcrec_items is not None
+
+    def lcrec_config(self) -> dict:
+        return json.loads((self.root / LCREC_DIR / "lcrec_config.json").read_text())
+
+    def lcrec_model(self):
+        """(model, tokenizer) of the LC-Rec part, loaded once (a second copy of the backbone:
+        its index-token rows are its own, so it cannot share the ranker's)."""
+        if not self.has_lcrec:
+            raise BundleError(f"{self.root}: this bundle has no LC-Rec part ({LCREC_DIR}/)")
+        with self._lock:
+            if self._lcrec is None:
+                from .config import from_dict
+                from .ranker import load_ranker
+                cfg = self.lcrec_config()
+                # the same fallback as the ranker's when the embedded backbone is missing
+                _backbone_source({"backbone": self.manifest["lcrec"].get("backbone", {})}, cfg)
+                self._lcrec = load_ranker(self.root / LCREC_DIR,
+                                          from_dict(RankerConfig, cfg, known_only=True))
+            return self._lcrec
+
+    def recommend_catalogue(self, user: int, n: int = 10, beams: int = 20) -> pd.DataFrame:
+        """LC-Rec's top-n over the whole catalogue for a user's history (before the test target):
+        rank, item, index, title, score (summed index-token log-prob), in_candidates (the
+        retriever's 20), is_target. History items are never generated."""
+        from .lcrec.generate import recommend
+        model, tok = self.lcrec_model()
+        cfg = self.lcrec_config()
+        row = self.user_row(user)
+        top = recommend(model, tok, list(row["history"]), self.lcrec_items, n=n, beams=beams,
+                        fmt=cfg.get("prompt_format", "chat"), max_history=cfg.get("max_history", 20))
+        cands = self.candidates[(self.candidates["split"] == "test") & (self.candidates["user"] == int(row["user"]))]
+        retrieved = [int(i) for i in cands["candidates"].iloc[0]] if len(cands) else []
+        titles = self.titles()
+        frame = pd.DataFrame({"rank": range(1, len(top) + 1), "item": [i for i, _, _ in top],
+                              "index": [s for _, s, _ in top],
+                              "title": [titles.get(i, "?") for i, _, _ in top],
+                              "score": [sc for _, _, sc in top]})
+        frame["in_candidates"] = frame["item"].isin(retrieved)
+        frame["is_target"] = frame["item"] == int(row["target"])
+        return frame
 
     def user_row(self, user: int | str) -> pd.Series:
         """A user by dense id (int or digits) or reviewerID."""
@@ -331,6 +385,20 @@ def load_bundle(source: str | Path | None = None, check_hashes: bool = True) -> 
                           f"dataset (e.g. {sorted(missing_items)[:3]})")
     cands["candidates"] = [[asin_to_item[a] for a in c] for c in cands["candidates"]]
     metrics = json.loads((root / "metrics.json").read_text())
+    lcrec_items = _lcrec_items(root, manifest, asin_to_item) if manifest.get("lcrec") else None
     log.info("bundle %s: %s, %d users, %d items%s", root, manifest["dataset"]["name"], len(users),
              len(items), "" if manifest.get("includes_data") else " (data joined from ULMREC_DATA)")
-    return Bundle(root, manifest, config, items, users, cands, metrics, notes)
+    return Bundle(root, manifest, config, items, users, cands, metrics, notes, lcrec_items)
+
+
+def _lcrec_items(root: Path, manifest: dict, asin_to_item: dict) -> pd.DataFrame:
+    """The LC-Rec item index keyed by this dataset's dense item ids."""
+    path = root / LCREC_DIR / "item_index.parquet"
+    table = pd.read_parquet(path)
+    missing = sorted(set(table["asin"]) - set(asin_to_item))
+    if missing:
+        raise BundleError(f"{path}: {len(missing)} items not in the dataset (e.g. {missing[:3]})")
+    if not table["index"].is_unique:
+        raise BundleError(f"{path}: item indices collide; LC-Rec needs one index per item")
+    table.insert(0, "item", table["asin"].map(asin_to_item).astype(int))
+    return table.drop(columns="asin")

@@ -75,3 +75,13 @@ def rank_and_overall(ranks, retrieved, ks=(5, 10)) -> dict[str, dict[str, float]
         "rank_users": int(retrieved.sum()),
         "retrieval_recall": float(retrieved.mean()) if len(ranks) else 0.0,
     }
+
+
+def sample_eval_users(users, n: int, seed: int) -> list[int]:
+    """The n test users every evaluator draws (all, sorted, when n is 0 or too large): one
+    rule, so that train.evaluate and train.lcrec score the same users with the same seed."""
+    import random
+    pool = sorted(int(u) for u in users)
+    if not n or n >= len(pool):
+        return pool
+    return sorted(random.Random(seed).sample(pool, n))

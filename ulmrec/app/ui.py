@@ -11,7 +11,7 @@ from functools import partial
 
 import gradio as gr
 
-from . import logic, overview, ranking
+from . import catalogue, logic, overview, ranking
 from .logic import AppData, AppError
 
 CSS = """
@@ -95,6 +95,15 @@ def on_decode(data: AppData, text):
         return _warn(str(e), 2)
 
 
+def on_catalogue(data: AppData, value):
+    """LC-Rec's whole-catalogue top-10: summary, table."""
+    try:
+        user = logic.resolve_user(data, value)
+        return ("",) + catalogue.catalogue_view(data, user)
+    except AppError as e:
+        return _warn(str(e), 3)
+
+
 def build_demo(data: AppData) -> gr.Blocks:
     m = data.bundle.manifest
     hist = data.users["history_len"]
@@ -158,6 +167,19 @@ def build_demo(data: AppData) -> gr.Blocks:
                         chart = gr.Plot(label="verbalizer probability", elem_id="chart")
                 metrics = gr.Dataframe(label="this user's metrics", elem_id="metrics")
                 table = gr.Dataframe(label="candidates by LLM rank", wrap=True, elem_id="table")
+        if data.bundle.has_lcrec:
+            with gr.Tab("Whole catalogue (LC-Rec)", elem_id="catalogue-tab"):
+                gr.Markdown(
+                    "No retriever: an LC-Rec adapter (Zheng et al., 2024) writes item indices "
+                    "`<a_*><b_*><c_*><d_*>` for the user picked on the first tab, by beam search "
+                    "over a prefix trie of the catalogue's indices, so every answer is a real "
+                    "item the user has not had. Log-probability = the model's, of writing "
+                    "that index.")
+                cat_btn = gr.Button(f"Recommend {catalogue.TOPN} items from the whole catalogue",
+                                    variant="primary", elem_id="catalogue-btn")
+                cat_summary = gr.Markdown(elem_id="catalogue-summary")
+                cat_table = gr.Dataframe(label="generated items, best first", wrap=True,
+                                         elem_id="catalogue-table")
         with gr.Tab("Overview"):
             with gr.Row():
                 gr.Markdown(overview.dataset_markdown(data))
@@ -186,6 +208,9 @@ def build_demo(data: AppData) -> gr.Blocks:
         decode_btn.click(partial(on_decode, data), prefix_box, [status, decoded], api_name="decode",
                          **model)
         prefix_box.submit(partial(on_decode, data), prefix_box, [status, decoded], **model)
+        if data.bundle.has_lcrec:
+            cat_btn.click(partial(on_catalogue, data), user, [status, cat_summary, cat_table],
+                          api_name="catalogue", **model)
         demo.load(partial(on_user, data), user, user_out) \
             .then(partial(on_rank, data), rank_in, rank_out, **model)
     return demo

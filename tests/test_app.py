@@ -333,6 +333,9 @@ def test_whole_catalogue_tab_generates_real_unseen_items(data):
     bundle = data.bundle
     assert bundle.has_lcrec and bundle.manifest["lcrec"]["items"] == len(bundle.items)
     assert "lcrec/adapter_model.safetensors" in bundle.manifest["files"]
+    # both parts add the same index tokens to the same tokenizer: one copy travels
+    assert bundle.manifest["lcrec"]["tokenizer"] == "shared"
+    assert not (bundle.root / "lcrec" / "tokenizer.json").exists()
     user = int(data.users.index[7])
     summary, table = catalogue.catalogue_view(data, user)
     assert 0 < len(table) <= catalogue.TOPN and "LC-Rec generated" in summary

@@ -187,6 +187,10 @@ def test_cli_end_to_end_tiny(gift_cards, tmp_path, monkeypatch):
     stamp = (out / "fusion" / "lrurec-p2rec-s0" / "metrics.json").stat().st_mtime
     assert p2rec.main(args) == 0                                          # rerun: all stages cached
     assert (out / "fusion" / "lrurec-p2rec-s0" / "metrics.json").stat().st_mtime == stamp
+    # --sft-users: SFT (and its cost report) on a random subset; the later stages still run
+    assert p2rec.main(args + ["--sft-users", "100", "--stages", "group", "sft"]) == 0
+    sft = json.loads((out / "sft" / "sft.json").read_text())
+    assert sft["users"] == sft["cost"]["user_level_examples"] == 100 and sft["sft_users_of"] == 453
     # the export puts the candidates where the ranker reads a retriever's (--retriever lrurec-p2rec)
     from types import SimpleNamespace
 

@@ -98,7 +98,7 @@ def write_bundle(folder: Path, run: str | None = "ulmrec", lcrec: bool = False) 
         for name in LCREC_FILES:
             (folder / LCREC_DIR / name).write_bytes(f"lcrec {name}".encode())
             files[f"{LCREC_DIR}/{name}"] = sha256_file(folder / LCREC_DIR / name)
-        manifest["lcrec"] = {"items": 3}
+        manifest["lcrec"] = {"items": 3, "tokenizer": "shared"}
     if run is not None:
         manifest["run"] = run
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))

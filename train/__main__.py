@@ -17,6 +17,8 @@ COMMANDS = {
     "preferences": ("train.preferences", "one preference / intent text per user"),
     "finetune": ("train.finetune", "tune the ranker LLM on the six alignment tasks"),
     "evaluate": ("train.evaluate", "Rank / Overall metrics on test"),
+    "lcrec": ("train.lcrec", "LC-Rec baseline: item index, tuning, whole-catalogue generation"),
+    "p2rec": ("train.p2rec", "P2Rec: user-level preference SFT, enhanced item embeddings"),
     "export": ("train.export", "write the artifact bundle of a fine-tuned run"),
     "push": ("train.push", "upload a bundle to the Hugging Face Hub"),
 }

@@ -61,6 +61,9 @@ class P2RecConfig:
     sft_epochs: int = field(default=3, metadata={"help": "user-level SFT epochs"})
     sft_lr: float = field(default=5e-4, metadata={"help": "AdamW lr of LoRA + projection + head"})
     sft_batch_size: int = field(default=16, metadata={"help": "users per SFT step"})
+    sft_users: int = field(default=0, metadata={
+        "help": "SFT on this many random users (0 = all): a CPU-sized run on a large dataset; "
+                "augmentation and fusion still cover every item and user"})
     timing_examples: int = field(default=64, metadata={
         "help": "examples timed per task for the user- vs instance-level cost comparison"})
     models: tuple[str, ...] = field(default=("sasrec", "lrurec"), metadata={"help": "new retrievers"})
@@ -89,7 +92,7 @@ def _signature(cfg: P2RecConfig, *names: str) -> dict:
 
 GROUP_KEYS = ("dataset", "retriever", "k", "seed")
 SFT_KEYS = GROUP_KEYS + ("backbone", "tiny_backbone", "lora_r", "lora_alpha", "lora_dropout",
-                         "max_items", "sft_epochs", "sft_lr", "sft_batch_size")
+                         "max_items", "sft_epochs", "sft_lr", "sft_batch_size", "sft_users")
 
 
 def _fresh(path: Path, signature: dict) -> bool:
@@ -150,6 +153,11 @@ def stage_sft(cfg: P2RecConfig, ds, groups: np.ndarray, out: Path, device) -> P2
         (sft_dir / "sft_last.pt").unlink()                      # another setting's checkpoint
     atomic_write_json(sft_dir / "signature.json", {"signature": sig})
     _, hist, targets = user_targets(ds, groups, cfg.k)
+    if cfg.sft_users and cfg.sft_users < len(hist):
+        total = len(hist)
+        keep = np.sort(np.random.default_rng(cfg.seed).choice(total, cfg.sft_users, replace=False))
+        hist, targets = [hist[i] for i in keep], targets[keep]
+        log.info("SFT on %d of %d users (--sft-users)", len(hist), total)
     inst_hist, inst_targets = instance_examples(hist, groups, cfg.k)
     # the cost comparison runs on the untrained model: step time does not depend on the weights
     timing = {"user": time_steps(model, hist, targets, cfg.sft_batch_size, cfg.timing_examples, cfg.seed),
@@ -173,7 +181,8 @@ def stage_sft(cfg: P2RecConfig, ds, groups: np.ndarray, out: Path, device) -> P2
             "user_epoch_s_measured": float(np.mean([h["seconds"] for h in state["history"]]))
             if state["history"] else None,
             "examples_timed": cfg.timing_examples}
-    report = {"signature": sig, "users": m, "history": state["history"],
+    report = {"signature": sig, "users": m, "sft_users_of": int(len(user_targets(ds, groups, cfg.k)[1])),
+              "history": state["history"],
               "mse_untrained": mse_before, "mse_trained": mse_after,
               "mse_mean_vector_baseline": float(mean_vec), "cost": cost,
               "trainable_parameters": int(sum(v.numel() for v in weights.values()))}

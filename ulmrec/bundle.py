@@ -45,8 +45,11 @@ REQUIRED_FILES = (MANIFEST, "adapter_config.json", "adapter_model.safetensors", 
                   "candidates.parquet", "metrics.json", "config.yaml", "README.md")
 DATA_FILES = ("items.parquet", "users.parquet")
 LCREC_DIR = "lcrec"
-LCREC_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
-               "tokenizer_config.json", "lcrec_config.json", "item_index.parquet", "metrics.json")
+LCREC_FILES = ("adapter_config.json", "adapter_model.safetensors", "lcrec_config.json",
+               "item_index.parquet", "metrics.json")
+# the LC-Rec part keeps its own tokenizer only when it differs from the ranker's
+# (manifest lcrec.tokenizer "own"); the same index vocabulary usually makes them identical
+LCREC_TOKENIZER = ("tokenizer.json", "tokenizer_config.json")
 
 
 class BundleError(Exception):
@@ -68,7 +71,8 @@ def verify_bundle(folder: str | Path, check_hashes: bool = True) -> dict:
         raise BundleError(f"{folder / MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     needed = list(REQUIRED_FILES) + (list(DATA_FILES) if manifest.get("includes_data") else [])
     if manifest.get("lcrec"):
-        needed += [f"{LCREC_DIR}/{f}" for f in LCREC_FILES]
+        own = manifest["lcrec"].get("tokenizer", "own") == "own"
+        needed += [f"{LCREC_DIR}/{f}" for f in LCREC_FILES + (LCREC_TOKENIZER if own else ())]
     missing = [f for f in needed if not (folder / f).is_file()]
     if missing:
         raise BundleError(f"{folder}: incomplete bundle, missing {', '.join(missing)}")
@@ -215,8 +219,10 @@ class Bundle:
                 cfg = self.lcrec_config()
                 # the same fallback as the ranker's when the embedded backbone is missing
                 _backbone_source({"backbone": self.manifest["lcrec"].get("backbone", {})}, cfg)
+                shared = self.manifest["lcrec"].get("tokenizer", "own") == "shared"
                 self._lcrec = load_ranker(self.root / LCREC_DIR,
-                                          from_dict(RankerConfig, cfg, known_only=True))
+                                          from_dict(RankerConfig, cfg, known_only=True),
+                                          tokenizer_dir=self.root if shared else None)
             return self._lcrec
 
     def recommend_catalogue(self, user: int, n: int = 10, beams: int = 20) -> pd.DataFrame:

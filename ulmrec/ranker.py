@@ -160,13 +160,14 @@ def build_ranker(cfg: RankerConfig, ds=None):
     return model, tok
 
 
-def load_ranker(adapter_dir: Path, cfg: RankerConfig):
-    """A trained ranker from an adapter folder written by train.finetune (eval mode)."""
+def load_ranker(adapter_dir: Path, cfg: RankerConfig, tokenizer_dir: Path | None = None):
+    """A trained ranker from an adapter folder written by train.finetune (eval mode); the
+    tokenizer from the same folder unless `tokenizer_dir` names another."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
     model, _ = load_base(cfg)
-    tok = AutoTokenizer.from_pretrained(adapter_dir)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir or adapter_dir)
     if len(tok) != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tok), mean_resizing=False)
     model = PeftModel.from_pretrained(model, adapter_dir)

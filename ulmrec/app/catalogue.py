@@ -22,7 +22,13 @@ def lcrec_ready(data: AppData):
         raise AppError("this bundle has no LC-Rec part: export it with `python -m train.export "
                        "--lcrec runs/<dataset>/lcrec` to recommend from the whole catalogue")
     with data.lock:
-        return data.bundle.lcrec_model()
+        model, tok = data.bundle.lcrec_model()
+        if not getattr(model, "_ulmrec_app_ready", False):
+            # as logic.warm does for the ranker: merged LoRA on CPU, same outputs, faster
+            if next(model.parameters()).device.type == "cpu" and hasattr(model, "merge_adapter"):
+                model.merge_adapter()
+            model._ulmrec_app_ready = True
+        return model, tok
 
 
 def catalogue_view(data: AppData, user: int, n: int = TOPN) -> tuple[str, pd.DataFrame]:

@@ -1,0 +1,91 @@
+"""Paired comparison of rankers on the same users: per-user Rank NDCG@10 differences with a
+bootstrap confidence interval, for the quality ordering (ULMRec > LlamaRec > retriever order).
+
+    python bench/paired.py --dataset games --runs ulmrec-hard llamarec-hard llamarec-hard120
+
+Reads the per-user predictions `train.evaluate` leaves beside each run's adapter
+(runs/<dataset>/finetune/<run>/test_predictions.parquet: user, candidates in retriever order,
+target, letter probabilities), keeps the users every run scored, and compares each pair of
+systems — the retriever's own order included — on the same users. A difference whose 95%
+interval excludes 0 is one this many users can tell apart.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/paired.py` from anywhere
+
+from ulmrec.metrics import target_ranks  # noqa: E402
+from ulmrec.paths import runs_root  # noqa: E402
+
+
+def ndcg10(ranks: np.ndarray) -> np.ndarray:
+    """Per-user NDCG@10 from 1-based ranks (inf = not ranked)."""
+    hit = ranks <= 10
+    return np.where(hit, 1.0 / np.log2(np.where(hit, ranks, 1.0) + 1.0), 0.0)
+
+
+def per_user(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(LLM NDCG@10, retriever-order NDCG@10) per user of one run's predictions."""
+    pos = np.array([list(c).index(t) if t in list(c) else -1
+                    for c, t in zip(frame["candidates"], frame["target"])])
+    probs = np.stack(frame["probs"].map(np.asarray).to_list())
+    llm = ndcg10(target_ranks(probs, pos))
+    retr = ndcg10(np.where(pos >= 0, pos + 1.0, np.inf))
+    return llm, retr
+
+
+def bootstrap(diff: np.ndarray, n: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(n, len(diff)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", default="games")
+    ap.add_argument("--runs", nargs="+", required=True)
+    ap.add_argument("--bootstrap", type=int, default=10_000)
+    args = ap.parse_args(argv)
+
+    frames = {}
+    for run in args.runs:
+        path = runs_root() / args.dataset / "finetune" / run / "test_predictions.parquet"
+        if not path.exists():
+            print(f"error: {path} not found (run `python -m train.evaluate --runs {run}` first)",
+                  file=sys.stderr)
+            return 2
+        frames[run] = pd.read_parquet(path).set_index("user").sort_index()
+    users = sorted(set.intersection(*(set(f.index) for f in frames.values())))
+    scores = {}
+    for run, f in frames.items():
+        llm, retr = per_user(f.loc[users].reset_index())
+        scores[run] = llm
+        scores.setdefault("retriever order", retr)
+    print(f"{args.dataset}: {len(users)} users ranked by every run (target among the 20)\n")
+    print("| system | Rank NDCG@10 |")
+    print("|---|---:|")
+    for name, s in scores.items():
+        print(f"| {name} | {s.mean():.4f} |")
+    print("\n| A − B | mean difference | 95% bootstrap CI | A better / B better / tie (users) |")
+    print("|---|---:|---|---|")
+    rows = []
+    for a, b in itertools.combinations(scores, 2):
+        d = scores[a] - scores[b]
+        lo, hi = bootstrap(d, args.bootstrap)
+        rows.append({"a": a, "b": b, "mean": float(d.mean()), "ci95": [lo, hi]})
+        print(f"| {a} − {b} | {d.mean():+.4f} | [{lo:+.4f}, {hi:+.4f}] | "
+              f"{int((d > 0).sum())} / {int((d < 0).sum())} / {int((d == 0).sum())} |")
+    print("\n" + json.dumps({"dataset": args.dataset, "users": len(users), "pairs": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

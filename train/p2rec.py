@@ -251,6 +251,10 @@ def stage_fusion(cfg, ds, groups, enhanced, out: Path, device) -> dict:
                    if (model, v, cfg.fusion_seeds[0]) in reports}
             if len(r20) == 2 and r20["p2rec"] > r20["base"]:
                 export_retriever(cfg, model, out / "fusion" / f"{model}-p2rec-s{cfg.fusion_seeds[0]}")
+            elif len(r20) == 2:
+                log.info("%s +P2Rec not exported: validation candidate Recall@20 %.4f does not beat "
+                         "Base %.4f (the ranker keeps --retriever %s)", model, r20["p2rec"],
+                         r20["base"], model)
     return reports
 
 

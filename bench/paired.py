@@ -22,14 +22,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/paired.py` from anywhere
 
-from ulmrec.metrics import target_ranks  # noqa: E402
+from ulmrec.metrics import ndcg_per_user, target_ranks  # noqa: E402
 from ulmrec.paths import runs_root  # noqa: E402
-
-
-def ndcg10(ranks: np.ndarray) -> np.ndarray:
-    """Per-user NDCG@10 from 1-based ranks (inf = not ranked)."""
-    hit = ranks <= 10
-    return np.where(hit, 1.0 / np.log2(np.where(hit, ranks, 1.0) + 1.0), 0.0)
 
 
 def per_user(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -37,8 +31,8 @@ def per_user(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     pos = np.array([list(c).index(t) if t in list(c) else -1
                     for c, t in zip(frame["candidates"], frame["target"])])
     probs = np.stack(frame["probs"].map(np.asarray).to_list())
-    llm = ndcg10(target_ranks(probs, pos))
-    retr = ndcg10(np.where(pos >= 0, pos + 1.0, np.inf))
+    llm = ndcg_per_user(target_ranks(probs, pos), 10)
+    retr = ndcg_per_user(np.where(pos >= 0, pos + 1.0, np.inf), 10)
     return llm, retr
 
 

@@ -323,14 +323,9 @@ def stage_evaluate(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> dict
                                fmt=cfg.prompt_format, max_len=cfg.max_len,
                                batch_size=cfg.eval_batch_size, progress=True)
     secs = time.time() - t0
-    ranked = np.full((len(exs), cfg.topn), -1, dtype=np.int64)          # [U, n], -1 = empty slot
-    for row, items in enumerate(top):
-        ranked[row, :len(items)] = [i for i, _ in items]
     targets = np.array([ex.target for ex in exs])
-    ranks = ranks_in_list(ranked, targets)
-    m = metrics_from_ranks(ranks, ks=(1, 5, 10))
-    metrics = {"HR@1": m["Recall@1"], "HR@5": m["Recall@5"], "NDCG@5": m["NDCG@5"],
-               "HR@10": m["Recall@10"], "NDCG@10": m["NDCG@10"]}
+    ranks = ranks_in_list(_padded([[i for i, _ in t] for t in top], cfg.topn), targets)
+    metrics = _hr_ndcg(ranks)
     valid = all(i in set(token_items.values()) for items in top for i, _ in items)
     result = {"dataset": ds.name, "split": cfg.eval_split, "users": len(exs), "metrics": metrics,
               "all_generated_items_valid": valid, "beam_stats": stats,
@@ -347,8 +342,17 @@ def stage_evaluate(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> dict
     return result
 
 
-def _hr_ndcg(ranked: np.ndarray, targets: np.ndarray) -> dict:
-    m = metrics_from_ranks(ranks_in_list(ranked, targets), ks=(1, 5, 10))
+def _padded(lists: list[list[int]], n: int) -> np.ndarray:
+    """[U, n] item ids, best first; -1 fills the slots of shorter lists."""
+    ranked = np.full((len(lists), n), -1, dtype=np.int64)
+    for row, items in enumerate(lists):
+        ranked[row, :min(n, len(items))] = items[:n]
+    return ranked
+
+
+def _hr_ndcg(ranks: np.ndarray) -> dict:
+    """LC-Rec's metrics (HR = Recall with one target) from 1-based ranks."""
+    m = metrics_from_ranks(ranks, ks=(1, 5, 10))
     return {"HR@1": m["Recall@1"], "HR@5": m["Recall@5"], "NDCG@5": m["NDCG@5"],
             "HR@10": m["Recall@10"], "NDCG@10": m["NDCG@10"]}
 
@@ -358,13 +362,12 @@ def reference_rows(ds, cfg: LcRecConfig, users: list[int], histories: list[list[
     """Full-ranking HR/NDCG of simple references on the same users: most popular training
     items (history excluded) and the retriever's own top list, when its run exists."""
     counts = pd.Series([int(i) for seq in ds.sequences("train").values for i in seq]).value_counts()
-    popular = counts.index.to_numpy()
-    ranked = np.full((len(users), cfg.topn), -1, dtype=np.int64)
-    for row, hist in enumerate(histories):
+    popular = [int(i) for i in counts.index]
+    tops = []
+    for hist in histories:
         seen = set(hist)
-        top = [int(i) for i in popular[: cfg.topn + len(seen)] if int(i) not in seen][: cfg.topn]
-        ranked[row, :len(top)] = top
-    out = {"popularity (training counts)": _hr_ndcg(ranked, targets)}
+        tops.append([i for i in popular[: cfg.topn + len(seen)] if i not in seen])
+    out = {"popularity (training counts)": _hr_ndcg(ranks_in_list(_padded(tops, cfg.topn), targets))}
     if cfg.reference_retriever:
         from ulmrec.ranker import RankerConfig, load_candidates
         try:
@@ -373,11 +376,9 @@ def reference_rows(ds, cfg: LcRecConfig, users: list[int], histories: list[list[
             out["notes"] = [f"retriever reference skipped: {e}"]
             return out
         lists = dict(zip(cands["user"].astype(int), cands["candidates"]))
-        ranked = np.full((len(users), cfg.topn), -1, dtype=np.int64)
-        for row, u in enumerate(users):
-            top = [int(i) for i in lists.get(u, [])][: cfg.topn]
-            ranked[row, :len(top)] = top
-        out[f"{cfg.reference_retriever} (its top list)"] = _hr_ndcg(ranked, targets)
+        tops = [[int(i) for i in lists.get(u, [])] for u in users]
+        out[f"{cfg.reference_retriever} (its top list)"] = _hr_ndcg(
+            ranks_in_list(_padded(tops, cfg.topn), targets))
     return out
 
 

@@ -153,8 +153,8 @@ def stage_sft(cfg: P2RecConfig, ds, groups: np.ndarray, out: Path, device) -> P2
         (sft_dir / "sft_last.pt").unlink()                      # another setting's checkpoint
     atomic_write_json(sft_dir / "signature.json", {"signature": sig})
     _, hist, targets = user_targets(ds, groups, cfg.k)
-    if cfg.sft_users and cfg.sft_users < len(hist):
-        total = len(hist)
+    total = len(hist)
+    if cfg.sft_users and cfg.sft_users < total:
         keep = np.sort(np.random.default_rng(cfg.seed).choice(total, cfg.sft_users, replace=False))
         hist, targets = [hist[i] for i in keep], targets[keep]
         log.info("SFT on %d of %d users (--sft-users)", len(hist), total)
@@ -181,7 +181,7 @@ def stage_sft(cfg: P2RecConfig, ds, groups: np.ndarray, out: Path, device) -> P2
             "user_epoch_s_measured": float(np.mean([h["seconds"] for h in state["history"]]))
             if state["history"] else None,
             "examples_timed": cfg.timing_examples}
-    report = {"signature": sig, "users": m, "sft_users_of": int(len(user_targets(ds, groups, cfg.k)[1])),
+    report = {"signature": sig, "users": m, "sft_users_of": total,
               "history": state["history"],
               "mse_untrained": mse_before, "mse_trained": mse_after,
               "mse_mean_vector_baseline": float(mean_vec), "cost": cost,

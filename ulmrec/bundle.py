@@ -205,7 +205,11 @@ class Bundle:
         return self.lcrec_items is not None
 
     def lcrec_config(self) -> dict:
-        return json.loads((self.root / LCREC_DIR / "lcrec_config.json").read_text())
+        """The LC-Rec part's training config, read once (a copy: callers may change it)."""
+        if "lcrec_config" not in self._inputs:
+            self._inputs["lcrec_config"] = json.loads(
+                (self.root / LCREC_DIR / "lcrec_config.json").read_text())
+        return dict(self._inputs["lcrec_config"])
 
     def lcrec_model(self):
         """(model, tokenizer) of the LC-Rec part, loaded once (a second copy of the backbone:

@@ -55,8 +55,15 @@ def metrics_from_ranks(ranks, ks=KS) -> dict[str, float]:
         hit = r <= k
         out[f"Recall@{k}"] = float(hit.mean())
         out[f"MRR@{k}"] = float(np.where(hit, 1.0 / np.where(hit, r, 1.0), 0.0).mean())
-        out[f"NDCG@{k}"] = float(np.where(hit, 1.0 / np.log2(np.where(hit, r, 1.0) + 1.0), 0.0).mean())
+        out[f"NDCG@{k}"] = float(ndcg_per_user(r, k).mean())
     return out
+
+
+def ndcg_per_user(ranks, k: int) -> np.ndarray:
+    """NDCG@k of each user from 1-based ranks (inf = not ranked): [U]."""
+    r = np.asarray(ranks, dtype=np.float64)
+    hit = r <= k
+    return np.where(hit, 1.0 / np.log2(np.where(hit, r, 1.0) + 1.0), 0.0)
 
 
 def rank_and_overall(ranks, retrieved, ks=(5, 10)) -> dict[str, dict[str, float]]:

@@ -11,7 +11,7 @@ import html
 import numpy as np
 import pandas as pd
 
-from .logic import AppData, AppError
+from .logic import AppData, AppError, serve_ready
 
 TOPN = 10
 
@@ -22,13 +22,7 @@ def lcrec_ready(data: AppData):
         raise AppError("this bundle has no LC-Rec part: export it with `python -m train.export "
                        "--lcrec runs/<dataset>/lcrec` to recommend from the whole catalogue")
     with data.lock:
-        model, tok = data.bundle.lcrec_model()
-        if not getattr(model, "_ulmrec_app_ready", False):
-            # as logic.warm does for the ranker: merged LoRA on CPU, same outputs, faster
-            if next(model.parameters()).device.type == "cpu" and hasattr(model, "merge_adapter"):
-                model.merge_adapter()
-            model._ulmrec_app_ready = True
-        return model, tok
+        return serve_ready(*data.bundle.lcrec_model())   # fp32: --bf16 is the ranker's
 
 
 def catalogue_view(data: AppData, user: int, n: int = TOPN) -> tuple[str, pd.DataFrame]:

@@ -62,17 +62,22 @@ def warm(data: AppData):
     faster per call) and, if asked, cast to bfloat16; a CUDA model is left as loaded.
     """
     with data.lock:
-        model, tok = data.bundle.model()
-        # marked on the model, not on `data`: several AppData may share one bundle's model
-        if not getattr(model, "_ulmrec_app_ready", False):
-            if next(model.parameters()).device.type == "cpu":
-                if hasattr(model, "merge_adapter"):
-                    model.merge_adapter()
-                if data.bf16:
-                    import torch
-                    model.to(torch.bfloat16)
-            model._ulmrec_app_ready = True
-        return model, tok
+        return serve_ready(*data.bundle.model(), bf16=data.bf16)
+
+
+def serve_ready(model, tok, bf16: bool = False):
+    """(model, tok) made ready to serve, once per model (callers hold AppData.lock): on CPU the
+    LoRA update merged into the weights and, if asked, bfloat16; a CUDA model as loaded."""
+    # marked on the model, not on `data`: several AppData may share one bundle's model
+    if not getattr(model, "_ulmrec_app_ready", False):
+        if next(model.parameters()).device.type == "cpu":
+            if hasattr(model, "merge_adapter"):
+                model.merge_adapter()
+            if bf16:
+                import torch
+                model.to(torch.bfloat16)
+        model._ulmrec_app_ready = True
+    return model, tok
 
 
 # ------------------------------------------------------------------ picking a user

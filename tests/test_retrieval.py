@@ -128,6 +128,9 @@ def test_candidates_exclude_history_and_match_metrics(trained, gift_cards):
             c = list(row["candidates"])
             assert len(c) == 20 and len(set(c)) == 20
             assert not set(c) & set(h), f"user {u}: history item among {split} candidates"
+            if split == "train":      # the ranker's training lists never hold a later item
+                later = set(gift_cards.sequences("test")[u][len(h) + 1:])
+                assert not set(c) & later, f"user {u}: a val/test item among train candidates"
             assert 0 not in c and max(c) <= gift_cards.num_items
             s = np.asarray(row["scores"])
             assert np.all(np.isfinite(s)) and np.all(np.diff(s) <= 0)
@@ -181,3 +184,29 @@ def test_bad_input_is_reported(gift_cards):
         run(RetrievalConfig(best_metric="AUC"))
     with pytest.raises(ValueError, match="split"):
         eval_histories(gift_cards, "all")
+
+
+def test_every_target_weighs_the_same_whatever_the_batching(gift_cards):
+    """The epoch's gradient is a plain sum over targets: length-sorted pools (few targets in a
+    batch of short windows) and random batches give the same total, target by target."""
+    from ulmrec.retrieval.trainer import batch_loss, targets_per_batch
+    torch.manual_seed(0)
+    model = LRURec(gift_cards.num_items, hidden=16, dropout=0.0, attn_dropout=0.0)
+    windows = train_windows(list(gift_cards.sequences("train")), 50)
+    norm = targets_per_batch(windows, 64)
+    grads, totals = [], []
+    for pool in (1, 32):
+        model.zero_grad()
+        total = 0.0
+        for idx in batch_order(windows, 64, seed=0, epoch=0, pool_batches=pool):
+            loss, _ = batch_loss(model, windows, idx, norm, "cpu")
+            loss.backward()
+            total += loss.item()
+        grads.append(model.item_emb.weight.grad.clone() if hasattr(model, "item_emb")
+                     else next(model.parameters()).grad.clone())
+        totals.append(total)
+    assert totals[0] == pytest.approx(totals[1], rel=1e-4)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-6)
+    # a target's weight is 1/norm: the epoch's loss sum is the per-target mean × targets / norm
+    n_targets = sum(len(w) - 1 for w in windows)
+    assert norm == pytest.approx(n_targets / -(-len(windows) // 64))

@@ -181,6 +181,21 @@ def test_retriever_training_candidates_are_hard_and_leak_free(gift_cards, inputs
         else:
             assert ex.candidates != retrieved[u] and ex.target in ex.candidates   # random fallback
         assert not {int(val[u]), int(test[u])} & set(ex.candidates)
+    # a retriever list holding the user's own validation and test items (as lists exported
+    # before the retriever masked them did): both leave, the list is topped up to 20
+    leaky = {}
+    for u in users[::2]:
+        seq = train[u]
+        pool = [i for i in range(1, gift_cards.num_items + 1)
+                if i not in set(seq) | {int(val[u]), int(test[u])}][:17]
+        leaky[u] = [int(test[u]), seq[-1], int(val[u])] + pool
+    examples = training_examples(replace(inputs, retrieved=pd.Series(leaky)), cfg)
+    last = {e.user: e for e in examples if e.target == train[e.user][-1] and e.user in leaky}
+    for u in leaky:
+        c = last[u].candidates
+        assert len(c) == 20 and len(set(c)) == 20 and c[0] == train[u][-1]
+        assert not {int(val[u]), int(test[u])} & set(c)
+        assert c[1:18] == leaky[u][3:]                          # retriever order kept
     with pytest.raises(ValueError, match="retriever"):
         from ulmrec.bundle import ServeConfig
         from ulmrec.ranker import load_task_inputs

@@ -2,7 +2,7 @@
 
     python -m train.retrieve --dataset games --model lrurec
     python -m train.retrieve --dataset games --model sasrec
-    python -m train.retrieve --dataset beauty --model lrurec --dropout 0.5 --tag drop05
+    python -m train.retrieve --dataset games --model lrurec --seed 43 --tag s43   # another seed
     python -m train.retrieve --config configs/retrieval.yaml --dataset beauty
 
 Re-running the same command resumes from runs/<dataset>/retrieval/<model>/last.pt.

@@ -122,12 +122,24 @@ def _seen(inp: TaskInputs, user: int, history: list[int]) -> set[int]:
     return set(history) | (inp.seen[user] if inp.seen is not None else set())
 
 
-def _retrieved(inp: TaskInputs, user: int, target: int, n: int) -> list[int] | None:
-    """The retriever's top-n for the user's last training item, if it holds the target."""
+def _retrieved(inp: TaskInputs, user: int, target: int, n: int,
+               rng: random.Random | None = None) -> list[int] | None:
+    """The retriever's top-n for the user's last training item, if it holds the target.
+
+    The user's other items (later ones above all: the validation and test items) never stand
+    as wrong answers; lists exported before the retriever masked them lose those items and
+    are topped up with random unseen items (newer exports rank them out already)."""
     if inp.retrieved is None or user not in inp.retrieved.index:
         return None
-    cands = [int(i) for i in inp.retrieved[user]][:n]
-    return cands if target in cands else None
+    own = inp.seen[user] if inp.seen is not None else set()
+    cands = [int(i) for i in inp.retrieved[user] if int(i) == target or int(i) not in own][:n]
+    if target not in cands:
+        return None
+    if len(cands) < n:
+        rng = rng or random.Random(user)
+        extra = _sample_candidates(rng, target, own | set(cands), inp.num_items, n - len(cands) + 1)
+        cands += [i for i in extra if i != target]
+    return cands
 
 
 def _index_line(inp: TaskInputs, user: int) -> str | None:
@@ -170,7 +182,8 @@ def training_examples(inp: TaskInputs, cfg: TaskConfig) -> list[Example]:
                 ends = list(ends)[: cfg.max_prefixes_per_user]
             for end in ends:
                 target, history = seq[end], seq[:end]
-                hard = _retrieved(inp, user, target, cfg.num_candidates) if end == len(seq) - 1 else None
+                hard = (_retrieved(inp, user, target, cfg.num_candidates, rng)
+                        if end == len(seq) - 1 else None)
                 cands = hard or _sample_candidates(
                     rng, target, _seen(inp, user, history), inp.num_items, cfg.num_candidates)
                 pools["next_item"].append(

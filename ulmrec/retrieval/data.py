@@ -54,7 +54,8 @@ def batch_order(windows: list[list[int]], batch_size: int, seed: int, epoch: int
 
 
 def collate(windows: list[list[int]], idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs [B, L], targets [B, L]) of a batch; target 0 marks padding (no loss there)."""
+    """(inputs [B, L], targets [B, L]) of a batch; a target counts only where its input is an
+    item (input 0 = padding, target 0 = padding)."""
     padded = pad_left([windows[j] for j in idx])                                    # [B, L+1]
     return padded[:, :-1], padded[:, 1:]
 
@@ -62,7 +63,7 @@ def collate(windows: list[list[int]], idx: list[int]) -> tuple[torch.Tensor, tor
 def eval_histories(ds, split: str) -> tuple[np.ndarray, list[list[int]], np.ndarray]:
     """(users [U], histories, targets [U]) for 'val' (history = train part), 'test'
     (history = train + val part) or 'train' (the last training item from the ones before
-    it: the ranker's hard training candidates, as LlamaRec trains)."""
+    it: the ranker's hard training candidates, as LlamaRec trains; see later_items)."""
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     if split == "train":
@@ -76,3 +77,10 @@ def eval_histories(ds, split: str) -> tuple[np.ndarray, list[list[int]], np.ndar
     if len(users) == 0:
         raise ValueError(f"{ds.name}: no user has both a history and a {split} target")
     return users, [list(hist[u]) for u in users], targets.loc[users].to_numpy(np.int64)
+
+
+def later_items(ds, users: np.ndarray) -> list[list[int]]:
+    """Each user's validation and test items: kept out of the 'train' split's candidate lists,
+    where they would teach the ranker that the item the user buys next is a wrong answer."""
+    full, train = ds.sequences("test"), ds.sequences("train")
+    return [[int(i) for i in full[u][len(train[u]):]] for u in users]

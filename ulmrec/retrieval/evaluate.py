@@ -17,13 +17,15 @@ from .data import pad_left
 
 
 @torch.no_grad()
-def masked_scores(model, histories: list[list[int]], max_len: int, device) -> torch.Tensor:
-    """Scores [B, num_items + 1] of the next item after each history, seen items and id 0 at -inf."""
+def masked_scores(model, histories: list[list[int]], max_len: int, device,
+                  exclude: list[list[int]] | None = None) -> torch.Tensor:
+    """Scores [B, num_items + 1] of the next item after each history; seen items, id 0 and
+    each row's `exclude` items (not read as input) at -inf."""
     inputs = pad_left([h[-max_len:] for h in histories]).to(device)                # [B, L]
     scores = model.score(model.encode(inputs)[:, -1]).float()                       # [B, N+1]
-    rows = torch.repeat_interleave(torch.arange(len(histories)),
-                                   torch.tensor([len(h) for h in histories]))
-    cols = torch.tensor([i for h in histories for i in h], dtype=torch.long)
+    masked = [h + (exclude[b] if exclude is not None else []) for b, h in enumerate(histories)]
+    rows = torch.repeat_interleave(torch.arange(len(masked)), torch.tensor([len(m) for m in masked]))
+    cols = torch.tensor([i for m in masked for i in m], dtype=torch.long)
     scores[rows.to(device), cols.to(device)] = -torch.inf                          # whole history
     scores[:, 0] = -torch.inf
     return scores
@@ -31,8 +33,10 @@ def masked_scores(model, histories: list[list[int]], max_len: int, device) -> to
 
 @torch.no_grad()
 def full_rank(model, histories: list[list[int]], targets: np.ndarray, max_len: int,
-              batch_size: int = 128, k: int = 20, device="cpu", desc: str = "eval") -> dict:
-    """ranks [U] of each target among all unseen items, plus the top-k items [U, k] and scores."""
+              batch_size: int = 128, k: int = 20, device="cpu", desc: str = "eval",
+              exclude: list[list[int]] | None = None) -> dict:
+    """ranks [U] of each target among all unseen items, plus the top-k items [U, k] and scores.
+    `exclude[u]`: further items never ranked for user u (e.g. the user's later items)."""
     was_training = model.training
     model.eval()
     # batches of similar length need little padding; results go back to the callers' order
@@ -40,7 +44,8 @@ def full_rank(model, histories: list[list[int]], targets: np.ndarray, max_len: i
     ranks, top_items, top_scores = [], [], []
     for i in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
         idx = order[i:i + batch_size]
-        scores = masked_scores(model, [histories[j] for j in idx], max_len, device)
+        scores = masked_scores(model, [histories[j] for j in idx], max_len, device,
+                               None if exclude is None else [exclude[j] for j in idx])
         ranks.append(target_ranks(scores.cpu().numpy(), targets[idx]))
         s, items = torch.topk(scores, k, dim=1)
         if not torch.isfinite(s).all():

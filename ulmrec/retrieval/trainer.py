@@ -31,7 +31,7 @@ from tqdm import tqdm
 from ulmrec.data import load_dataset
 
 from .blocks import no_decay
-from .data import batch_order, collate, eval_histories, train_windows
+from .data import batch_order, collate, eval_histories, later_items, train_windows
 from .evaluate import candidate_frame, full_rank, summarize
 from .lru import LRURec
 from .sasrec import SASRec
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 MODELS = {"lrurec": LRURec, "sasrec": SASRec}
 REPO_ROOT = Path(__file__).resolve().parents[2]
+LOSS = "per-target"        # checkpoints of the older per-batch-mean loss must not be resumed
 # settings that may change between an interrupted run and its resumption
 RESUMABLE_CHANGES = {"max_epochs", "patience", "device", "threads", "resume", "out_dir",
                      "eval_batch_size", "num_candidates", "tag"}
@@ -54,8 +55,8 @@ class RetrievalConfig:
     hidden: int = field(default=64, metadata={"help": "embedding / hidden size"})
     blocks: int = field(default=2, metadata={"help": "LRU or attention blocks"})
     heads: int = field(default=2, metadata={"help": "attention heads (sasrec)"})
-    dropout: float = field(default=0.2, metadata={"help": "embedding / FFN dropout (paper: 0.5)"})
-    attn_dropout: float = field(default=0.2, metadata={"help": "dropout on the LRU / attention output"})
+    dropout: float = field(default=0.5, metadata={"help": "embedding / FFN dropout (the paper's 0.5)"})
+    attn_dropout: float = field(default=0.5, metadata={"help": "dropout on the LRU / attention output"})
     r_min: float = field(default=0.8, metadata={"help": "LRU ring init: smallest |lambda|"})
     r_max: float = field(default=0.99, metadata={"help": "LRU ring init: largest |lambda|"})
     max_len: int = field(default=50, metadata={"help": "longest history the model reads"})
@@ -66,8 +67,9 @@ class RetrievalConfig:
         "help": "batches whose windows are sorted by length together (1 = plain random batches)"})
     max_grad_norm: float = field(default=5.0, metadata={"help": "gradient clipping norm"})
     max_epochs: int = field(default=30, metadata={"help": "upper bound on training epochs"})
-    patience: int = field(default=5, metadata={"help": "epochs without validation gain before stopping"})
-    best_metric: str = field(default="NDCG@10", metadata={"help": "validation metric for model selection"})
+    patience: int = field(default=10, metadata={"help": "epochs without validation gain before stopping"})
+    best_metric: str = field(default="Recall@20", metadata={
+        "help": "validation metric for model selection (Recall@20 = the ranker's ceiling)"})
     num_candidates: int = field(default=20, metadata={"help": "candidates exported per user"})
     eval_batch_size: int = field(default=128, metadata={"help": "users per evaluation batch"})
     seed: int = field(default=42, metadata={"help": "seed for init, dropout and batch order"})
@@ -116,27 +118,47 @@ def _signature(cfg: RetrievalConfig) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES}
 
 
+def targets_per_batch(windows: list[list[int]], batch_size: int) -> float:
+    """Mean number of next-item targets in a batch of an epoch: the loss normaliser.
+
+    A per-batch mean would give a batch of short windows (2-3 targets, common after
+    length-sorted pooling) as much weight as a batch of 50-target windows, so a short window's
+    targets would count ~3x and a long one's ~0.3x. Dividing each batch's summed loss by this
+    epoch-wide constant weights every target alike whatever the batching, as random batches do.
+    """
+    return sum(len(w) - 1 for w in windows) / max(math.ceil(len(windows) / batch_size), 1)
+
+
+def batch_loss(model, windows, idx: list[int], norm: float, device) -> tuple[torch.Tensor, int]:
+    """(summed cross-entropy of the batch's real targets / norm, number of targets)."""
+    inputs, targets = collate(windows, idx)
+    inputs, targets = inputs.to(device), targets.to(device)                        # [B, L]
+    # a window's first item is never a target (nothing precedes it), however much left
+    # padding its batch adds: otherwise short windows beside long ones would gain a target
+    keep = (targets > 0) & (inputs > 0)
+    hidden = model.encode(inputs)[keep]                                             # [T, d]
+    # only real positions are scored: the [T, N+1] logits are the bulk of the cost
+    ce = F.cross_entropy(model.score(hidden), targets[keep], reduction="sum")
+    return ce / norm, int(keep.sum())
+
+
 def train_epoch(model, opt, windows, cfg: RetrievalConfig, epoch: int, device) -> float:
-    """One pass over the training windows; mean cross-entropy over all real target positions."""
+    """One pass over the training windows; returns the mean cross-entropy per target."""
     model.train()
-    total, steps = 0.0, 0
+    norm = targets_per_batch(windows, cfg.batch_size)
+    total, seen = 0.0, 0
     bar = tqdm(batch_order(windows, cfg.batch_size, cfg.seed, epoch, cfg.pool_batches),
                desc=f"{cfg.model} epoch {epoch + 1}", leave=False, mininterval=5)
     for idx in bar:
-        inputs, targets = collate(windows, idx)
-        inputs, targets = inputs.to(device), targets.to(device)                    # [B, L]
-        keep = targets > 0
-        hidden = model.encode(inputs)[keep]                                         # [T, d]
-        # only real positions are scored: the [T, N+1] logits are the bulk of the cost
-        loss = F.cross_entropy(model.score(hidden), targets[keep])
+        loss, n = batch_loss(model, windows, idx, norm, device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()
-        total += loss.item()
-        steps += 1
-        bar.set_postfix(loss=f"{total / steps:.3f}")
-    return total / max(steps, 1)
+        total += loss.item() * norm
+        seen += n
+        bar.set_postfix(loss=f"{total / seen:.3f}", refresh=False)
+    return total / max(seen, 1)
 
 
 def _device(cfg: RetrievalConfig) -> torch.device:
@@ -182,6 +204,9 @@ def run(cfg: RetrievalConfig, on_epoch_end: Callable[[int, dict], None] | None =
             diff = sorted(k for k in _signature(cfg) if saved.get(k) != getattr(cfg, k))
             raise ValueError(f"{last} was written with other settings ({', '.join(diff)}); "
                              f"pass --no-resume to start over or --tag for a separate run")
+        if ckpt.get("loss") != LOSS:
+            raise ValueError(f"{last} was trained with an older per-batch-mean loss; pass "
+                             f"--no-resume to start over or --tag for a separate run")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])
@@ -216,7 +241,7 @@ def run(cfg: RetrievalConfig, on_epoch_end: Callable[[int, dict], None] | None =
                  epoch + 1, loss, val["Recall@10"], val["NDCG@10"], val["Recall@20"], t1 - t0,
                  t2 - t1, " (best)" if state["best_epoch"] == epoch + 1 else "")
         ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                "rng": torch.get_rng_state(), "state": state, "signature": _signature(cfg)}
+                "rng": torch.get_rng_state(), "state": state, "signature": _signature(cfg), "loss": LOSS}
         if device.type == "cuda":
             ckpt["cuda_rng"] = torch.cuda.get_rng_state(device)
         atomic_write(last, lambda p: torch.save(ckpt, p))
@@ -239,7 +264,8 @@ def rank_splits(model, ds, cfg: RetrievalConfig, device) -> tuple[dict, pd.DataF
     for split in ("train", "val", "test"):
         users, hist, targets = eval_histories(ds, split)
         res = full_rank(model, hist, targets, cfg.max_len, cfg.eval_batch_size, cfg.num_candidates,
-                        device, desc=split)
+                        device, desc=split,
+                        exclude=later_items(ds, users) if split == "train" else None)
         metrics[split] = summarize(res, targets)
         frames.append(candidate_frame(users, split, targets, res))
     return metrics, pd.concat(frames, ignore_index=True)

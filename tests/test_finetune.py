@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from train import evaluate, finetune
@@ -70,9 +71,15 @@ def test_evaluate_writes_rank_and_overall_table(runs, tmp_path):
         finetune.main(COMMON + ["--run-name", "full", "--max-steps", "2", "--eval-every", "2"])
     assert evaluate.main(["--dataset", "gift-cards", "--tiny-backbone", "--retriever", "random",
                           "--runs", "full", "full+uid", "--baselines", "retriever",
-                          "--max-users", "16", "--results-dir", str(tmp_path)]) == 0
+                          "--max-users", "16", "--fusion-val-users", "8",
+                          "--results-dir", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "gift-cards.json").read_text())
-    assert set(res["results"]) == {"retriever (random)", "full", "full+uid"}
+    assert set(res["results"]) == {"retriever (random)", "full", "full+uid", "full + retriever prior",
+                                   "full+uid + retriever prior"}
+    fit = res["results"]["full + retriever prior"]["fusion"]
+    assert fit["val_users"] == 8 and fit["lambda"] >= 0
+    pred = pd.read_parquet(runs / "gift-cards" / "finetune" / "full" / "test_predictions.parquet")
+    assert {"probs", "retriever_scores"} <= set(pred.columns)
     for r in res["results"].values():
         assert r["users"] == 16 and 0.0 <= r["rank"]["NDCG@10"] <= 1.0
         assert r["overall"]["NDCG@10"] == pytest.approx(r["rank"]["NDCG@10"] * r["retrieval_recall"])

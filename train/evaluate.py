@@ -22,6 +22,7 @@ import pandas as pd
 
 from ulmrec.config import from_dict, parse_config
 from ulmrec.data import load_dataset
+from ulmrec.fusion import fit_lambda, fuse
 from ulmrec.metrics import rank_and_overall, ranks_in_list, sample_eval_users, target_ranks
 from ulmrec.model import score_examples
 from ulmrec.paths import atomic_write, repo_path
@@ -40,6 +41,9 @@ class EvaluateConfig(RankerConfig, TaskConfig):
     baselines: tuple[str, ...] = field(default=("retriever",), metadata={
         "help": "retriever (its own order) and/or backbone (untuned LLM, same prompts)"})
     max_users: int = field(default=0, metadata={"help": "test users sampled (0 = all)"})
+    fusion_val_users: int = field(default=0, metadata={
+        "help": "validation users (target retrieved) to fit each run's retriever-prior weight on; "
+                "adds a '<run> + retriever prior' row (0 = no fusion row)"})
     batch_size: int = 8
     results_dir: str = "results"
 
@@ -55,6 +59,29 @@ def _evaluate_scores(frame: pd.DataFrame, examples, scores: np.ndarray) -> dict:
                for i, ex in enumerate(examples)}
     ranks = np.array([by_user.get(int(u), np.inf) for u in frame["user"]])
     return rank_and_overall(ranks, frame["target_in_candidates"].to_numpy())
+
+
+def _retriever_scores(frame: pd.DataFrame, examples, k: int) -> np.ndarray:
+    """[E, k] the retriever's scores of each example's candidates (letter order = retriever order)."""
+    rows = frame.set_index("user")
+    out = np.array([list(rows.at[ex.user, "scores"])[:k] for ex in examples], dtype=np.float64)
+    for ex, row in zip(examples, (rows.at[ex.user, "candidates"] for ex in examples)):
+        if [int(i) for i in row][:k] != ex.candidates:
+            raise ValueError(f"user {ex.user}: prompt candidates differ from the retriever's list")
+    return out
+
+
+def _fit_fusion(ds, model, tok, inp, scfg, cfg) -> dict:
+    """λ of the retriever prior fitted on validation users whose target was retrieved."""
+    val = load_candidates(ds, cfg, "val")
+    val = val[[int(t) in [int(c) for c in cs][: scfg.num_candidates]
+               for t, cs in zip(val["target"], val["candidates"])]]
+    keep = sample_eval_users(val["user"], cfg.fusion_val_users, cfg.seed + 1)
+    examples, frame = eval_examples(ds, inp, val, "val", scfg, sorted(keep))
+    _, probs = score_examples(model, tok, examples, scfg.prompt_format, scfg.max_len,
+                              cfg.batch_size, scfg.num_candidates)
+    pos = np.array([ex.candidates.index(ex.target) for ex in examples])
+    return fit_lambda(probs.numpy(), _retriever_scores(frame, examples, scfg.num_candidates), pos)
 
 
 def _run_config(name: str, base: EvaluateConfig) -> tuple[Path, EvaluateConfig]:
@@ -116,11 +143,23 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = res
         log.info("%s: Rank NDCG@10 %.4f, Overall NDCG@10 %.4f (%d users ranked)", name,
                  res["rank"]["NDCG@10"], res["overall"]["NDCG@10"], len(examples))
+        retr = _retriever_scores(frame, examples, scfg.num_candidates)
+        if folder is not None and cfg.fusion_val_users:
+            fit = _fit_fusion(ds, model, tok, inp, scfg, cfg)
+            fused = _evaluate_scores(frame, examples, fuse(probs.numpy(), retr, fit["lambda"]))
+            fused["fusion"] = {k: v for k, v in fit.items() if k != "curve"}
+            results[f"{name} + retriever prior"] = fused
+            atomic_write(folder.parent / f"fusion{'_uid' if scfg.no_history else ''}.json",
+                         lambda p: p.write_text(json.dumps(fit, indent=1)))
+            log.info("%s + retriever prior: λ %.2f (val NDCG@10 %.4f on %d users), Rank NDCG@10 "
+                     "%.4f", name, fit["lambda"], fit["val_ndcg"], fit["val_users"],
+                     fused["rank"]["NDCG@10"])
         if folder is not None:
             pred = pd.DataFrame({"user": [e.user for e in examples],
                                  "candidates": [e.candidates for e in examples],
                                  "target": [e.target for e in examples],
-                                 "probs": probs.numpy().tolist()})
+                                 "probs": probs.numpy().tolist(),
+                                 "retriever_scores": retr.tolist()})
             name = f"test_predictions{'_uid' if scfg.no_history else ''}.parquet"
             atomic_write(folder.parent / name, lambda p: pred.to_parquet(p, index=False))
         del model

@@ -6,6 +6,11 @@
 Validation every `eval_every` optimizer steps: verbalizer NDCG@10 on a fixed sample of
 validation users whose target was retrieved; the best adapter is kept in <out>/best.
 An interrupted run resumes from <out>/checkpoint (adapter, optimizer, scheduler, step).
+
+Several processes (accelerate launch / torchrun): each takes its share of every batch; the
+LR scheduler steps once per optimizer step (not once per process); process 0 validates
+and broadcasts the score, so every process takes the same keep / stop decision.
+Mixed precision on CUDA: bf16 where the GPU supports it, else fp16 (a T4).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ulmrec.backbone import save_tokenizer
 from ulmrec.checkpoint import load_checkpoint, read_state, save_checkpoint
 from ulmrec.config import parse_config
 from ulmrec.data import load_dataset
@@ -72,16 +78,33 @@ def validate(model, tok, examples, cfg) -> dict:
     return metrics_from_ranks(target_ranks(scores.numpy(), pos), ks=(5, 10))
 
 
+def mixed_precision() -> str:
+    """Accelerate's mixed_precision for this machine: bf16 on CUDA GPUs that have it (Ampere
+    and later), fp16 on older ones (a T4, a V100), none on CPU."""
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
 def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    train(parse_config(FinetuneConfig, argv))
+    return 0
+
+
+def train(cfg: FinetuneConfig) -> dict:
+    """Run (or resume) the fine-tuning; the run summary, the same on every process."""
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
     from transformers import get_linear_schedule_with_warmup
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = parse_config(FinetuneConfig, argv)
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
+    # the others wait at the broadcast while process 0 validates: allow a long validation
+    acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed_precision(),
+                      kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))])
     set_seed(cfg.seed)
     t_start = time.time()
 
@@ -121,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     optim = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = get_linear_schedule_with_warmup(optim, min(cfg.warmup_steps, total_steps // 10 or 1),
                                             total_steps)
-    model, optim, sched = acc.prepare(model, optim, sched)
+    # The scheduler stays out of acc.prepare: Accelerate would step it once per process per
+    # optimizer step (8 GPUs: the LR reaches 0 after 1/8 of the schedule). It steps below,
+    # once per optimizer step, on every process alike.
+    model, optim = acc.prepare(model, optim)
     pad = tok.pad_token_id
 
     state = {"step": 0, "best": -1.0, "bad_evals": 0, "history": [], "done": False}
@@ -131,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("resumed from %s at step %d (best NDCG@10 %.4f)", ckpt, state["step"], state["best"])
     if state["done"]:
         log.info("run already finished; nothing to do (use --no-resume to retrain)")
-        return 0
+        return {"run": cfg.run_name, "steps": state["step"], "best_val_ndcg10": state["best"],
+                "history": state["history"], "already_done": True}
 
     def save():
         if acc.is_main_process:
@@ -143,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                 # The index-token rows travel as PEFT trainable-token deltas; without this flag
                 # PEFT also copies the whole resized embedding (hundreds of MB for a 135M model).
                 acc.unwrap_model(model).save_pretrained(tmp, save_embedding_layers=False)
-                tok.save_pretrained(tmp)
+                save_tokenizer(tok, tmp, cfg.backbone)  # a reference to the base + added tokens
                 (tmp / "ulmrec_config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
             atomic_dir(out / name, write)
 
@@ -153,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     last_val = float("nan")
     t_train = time.time()
     tokens_seen = 0
+    lrs: list[float] = []      # the LR each optimizer step of this session used
+    stopped_early = False
     while state["step"] < total_steps:
         # Each epoch's order comes from (seed, epoch), so a resumed run replays it exactly.
         epoch, done_in_epoch = divmod(state["step"], steps_per_epoch)
@@ -166,18 +195,25 @@ def main(argv: list[str] | None = None) -> int:
             with acc.accumulate(model):
                 loss = response_loss(model, batch)
                 acc.backward(loss)
-                optim.step()
-                sched.step()
+                optim.step()           # a no-op until the accumulation is complete
                 optim.zero_grad()
             tokens_seen += int(batch["attention_mask"].sum())
             if not acc.sync_gradients:
                 continue
+            lrs.append(sched.get_last_lr()[0])
+            if not acc.optimizer_step_was_skipped:  # fp16: an inf/nan step is skipped
+                sched.step()
             state["step"] += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", val_ndcg10=f"{last_val:.4f}")
             at_end = state["step"] >= total_steps
             if state["step"] % cfg.eval_every == 0 or at_end:
                 m = validate(acc.unwrap_model(model), tok, val_examples, cfg) if acc.is_main_process else {}
+                # every process takes process 0's score, so all keep / stop alike (a process
+                # that stopped alone would leave the others waiting in the next all-reduce)
+                box = [m]
+                broadcast_object_list(box, from_process=0)
+                m = box[0]
                 last_val = m.get("NDCG@10", float("nan"))
                 state["history"].append({"step": state["step"], "loss": loss.item(), **m})
                 log.info("step %d: loss %.4f, val NDCG@10 %.4f (%d users)", state["step"],
@@ -189,13 +225,15 @@ def main(argv: list[str] | None = None) -> int:
                     state["bad_evals"] += 1
                 if state["bad_evals"] >= cfg.patience:
                     log.info("early stop: %d validations without improvement", cfg.patience)
-                    at_end = True
+                    at_end = stopped_early = True
                 state["done"] = at_end
                 save()
             if cfg.stop_after and state["step"] >= cfg.stop_after and not at_end:
                 save()
+                acc.wait_for_everyone()
                 log.info("stopping at step %d as asked (--stop-after); rerun to resume", state["step"])
-                return 0
+                return {"run": cfg.run_name, "steps": state["step"], "lr": lrs, "interrupted": True,
+                        "scheduler_steps": sched.last_epoch, "history": state["history"]}
             if at_end:
                 break
         if state["done"] or state["step"] >= total_steps:
@@ -208,14 +246,17 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "run": cfg.run_name, "dataset": ds.name, "examples": counts, "train_tokens": n_tokens,
         "truncated_prompts": n_trunc, "steps": state["step"], "best_val_ndcg10": state["best"],
-        "history": state["history"], "notes": notes, "train_seconds_this_process": train_s,
+        "history": state["history"], "notes": notes, "processes": acc.num_processes,
+        "mixed_precision": acc.mixed_precision, "early_stop": stopped_early,
+        "lr": lrs, "scheduler_steps": sched.last_epoch, "train_seconds_this_process": train_s,
         "train_tokens_per_s": tokens_seen / train_s if train_s else None,
         "total_seconds": time.time() - t_start, "config": asdict(cfg),
     }
     if acc.is_main_process:
         atomic_write_json(out / "train_summary.json", summary)
         log.info("done: %d steps, best val NDCG@10 %.4f → %s", state["step"], state["best"], out / "best")
-    return 0
+    acc.wait_for_everyone()
+    return summary
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ one `HubError` with a short message that says what to do.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -19,7 +20,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx2
 from huggingface_hub import HfApi, constants, snapshot_download
 from huggingface_hub.errors import (
     HfHubHTTPError,
@@ -50,9 +50,27 @@ def hub_endpoint() -> str:
 
 
 def is_offline() -> bool:
-    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) the way huggingface_hub reads it, checked now."""
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) the way huggingface_hub reads it, but checked
+    now (huggingface_hub reads it once, at import). Unset means online, as for huggingface_hub
+    itself: the one meaning for bundles and base models alike (ulmrec.ranker.load_base)."""
     value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return constants.is_offline_mode() or value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The network error classes of whichever HTTP client this huggingface_hub uses: httpx2
+    (huggingface_hub 2.x), httpx (1.x) or requests (0.x)."""
+    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"),
+                         ("requests", "ConnectionError"), ("requests", "Timeout")):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+TRANSPORT_ERRORS = _transport_errors()
 
 
 def push_bundle(folder: str | Path, repo_id: str, private: bool = False,
@@ -133,7 +151,7 @@ def headline_metrics(path: Path, run: object = None) -> str | None:
 
 @contextmanager
 def _hub_errors(repo_id: str, endpoint: str, write: bool, revision: str | None = None) -> Iterator[None]:
-    """huggingface_hub / httpx2 exceptions → one HubError with a message the user can act on.
+    """huggingface_hub / HTTP client exceptions → one HubError with a message the user can act on.
 
     Messages name the repo and endpoint, never the request headers (the token lives there)."""
     try:
@@ -158,7 +176,7 @@ def _hub_errors(repo_id: str, endpoint: str, write: bool, revision: str | None =
                        "HF_HUB_OFFLINE is set (offline): download it once online") from None
     except HfHubHTTPError as e:
         raise _http_error(e, repo_id, endpoint, write) from None
-    except (httpx2.TransportError, ConnectionError) as e:
+    except TRANSPORT_ERRORS as e:
         raise HubError(f"cannot reach {endpoint} ({_reason(e)}): check the network or HF_ENDPOINT") from None
 
 
@@ -176,7 +194,7 @@ def _http_error(e: HfHubHTTPError, repo_id: str, endpoint: str, write: bool) -> 
 
 
 def _is_connection_error(e: BaseException | None) -> bool:
-    return isinstance(e, (httpx2.TransportError, ConnectionError))
+    return isinstance(e, TRANSPORT_ERRORS)
 
 
 def _reason(e: BaseException | None) -> str:

@@ -119,14 +119,21 @@ def _tiny_llama(tokenizer):
     return LlamaForCausalLM(cfg)
 
 
-def load_base(cfg: RankerConfig):
-    """(model, tokenizer): the backbone, 4-bit on CUDA when asked, fp32 on CPU."""
+def cuda_dtype() -> torch.dtype:
+    """bf16 on GPUs that have it, fp16 on older ones (a T4 has no bf16)."""
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_base(cfg: RankerConfig, for_training: bool = True):
+    """(model, tokenizer): the backbone, 4-bit on CUDA when asked, fp32 on CPU. A 4-bit base
+    is prepared for k-bit training (gradient checkpointing, fp32 norms) only `for_training`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .backbone import resolve_backbone
+    from .hub import is_offline
 
     source = resolve_backbone(cfg.backbone)
-    offline = os.environ.get("HF_HUB_OFFLINE", "1") == "1"
+    offline = is_offline()  # HF_HUB_OFFLINE as huggingface_hub reads it: unset = online
     tok = AutoTokenizer.from_pretrained(source, local_files_only=offline)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -137,16 +144,19 @@ def load_base(cfg: RankerConfig):
         from transformers import BitsAndBytesConfig
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
+            bnb_4bit_compute_dtype=cuda_dtype())
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     else:
         if cfg.load_in_4bit:
             log.warning("load_in_4bit needs CUDA; loading the backbone in full precision on CPU")
-        kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        kwargs["dtype"] = cuda_dtype() if torch.cuda.is_available() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    if getattr(model, "is_loaded_in_4bit", False):
-        from peft import prepare_model_for_kbit_training
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    if getattr(model, "is_loaded_in_4bit", False):  # already on its GPU (device_map)
+        if for_training:
+            from peft import prepare_model_for_kbit_training
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=True,
+                gradient_checkpointing_kwargs={"use_reentrant": False})
     elif torch.cuda.is_available():
         model.to("cuda")
     return model, tok
@@ -166,7 +176,7 @@ def load_ranker(adapter_dir: Path, cfg: RankerConfig, tokenizer_dir: Path | None
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    model, _ = load_base(cfg)
+    model, _ = load_base(cfg, for_training=False)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir or adapter_dir)
     if len(tok) != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tok), mean_resizing=False)

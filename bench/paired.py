@@ -23,7 +23,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/paired.py` from anywhere
 
 from ulmrec.metrics import ndcg_per_user, target_ranks  # noqa: E402
-from ulmrec.paths import runs_root  # noqa: E402
+from ulmrec.paths import atomic_write, runs_root  # noqa: E402
 
 
 def per_user(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -34,6 +34,15 @@ def per_user(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     llm = ndcg_per_user(target_ranks(probs, pos), 10)
     retr = ndcg_per_user(np.where(pos >= 0, pos + 1.0, np.inf), 10)
     return llm, retr
+
+
+def fused_per_user(frame: pd.DataFrame, lam: float) -> np.ndarray:
+    """NDCG@10 per user of the run's letter probabilities fused with the retriever prior."""
+    from ulmrec.fusion import fuse
+    pos = np.array([list(c).index(t) for c, t in zip(frame["candidates"], frame["target"])])
+    probs = np.stack(frame["probs"].map(np.asarray).to_list())
+    retr = np.stack(frame["retriever_scores"].map(np.asarray).to_list())
+    return ndcg_per_user(target_ranks(fuse(probs, retr, lam), pos), 10)
 
 
 def bootstrap(diff: np.ndarray, n: int = 10_000, seed: int = 0) -> tuple[float, float]:
@@ -47,6 +56,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dataset", default="games")
     ap.add_argument("--runs", nargs="+", required=True)
     ap.add_argument("--bootstrap", type=int, default=10_000)
+    ap.add_argument("--out", default=None, help="JSON of the pairs (default results/paired-<dataset>.json)")
     args = ap.parse_args(argv)
 
     frames = {}
@@ -63,6 +73,10 @@ def main(argv=None) -> int:
         llm, retr = per_user(f.loc[users].reset_index())
         scores[run] = llm
         scores.setdefault("retriever order", retr)
+        fit = runs_root() / args.dataset / "finetune" / run / "fusion.json"
+        if fit.exists() and "retriever_scores" in f:       # λ fitted on validation users
+            lam = json.loads(fit.read_text())["lambda"]
+            scores[f"{run} + retriever prior"] = fused_per_user(f.loc[users].reset_index(), lam)
     print(f"{args.dataset}: {len(users)} users ranked by every run (target among the 20)\n")
     print("| system | Rank NDCG@10 |")
     print("|---|---:|")
@@ -74,10 +88,16 @@ def main(argv=None) -> int:
     for a, b in itertools.combinations(scores, 2):
         d = scores[a] - scores[b]
         lo, hi = bootstrap(d, args.bootstrap)
-        rows.append({"a": a, "b": b, "mean": float(d.mean()), "ci95": [lo, hi]})
+        rows.append({"a": a, "b": b, "mean": float(d.mean()), "lo": lo, "hi": hi,
+                     "users": len(users), "a_better": int((d > 0).sum()),
+                     "b_better": int((d < 0).sum())})
         print(f"| {a} − {b} | {d.mean():+.4f} | [{lo:+.4f}, {hi:+.4f}] | "
               f"{int((d > 0).sum())} / {int((d < 0).sum())} / {int((d == 0).sum())} |")
-    print("\n" + json.dumps({"dataset": args.dataset, "users": len(users), "pairs": rows}))
+    out = Path(args.out) if args.out else Path(__file__).resolve().parents[1] / "results" / f"paired-{args.dataset}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda p: p.write_text(json.dumps(rows, indent=1) + "\n"))
+    print(f"\n{len(rows)} pairs (a − b, 95% CI) → {out.name}; systems: "
+          + ", ".join(f"{k} {v.mean():.4f}" for k, v in scores.items()))
     return 0
 
 

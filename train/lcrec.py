@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ulmrec.backbone import save_tokenizer
 from ulmrec.config import parse_config
 from ulmrec.data import load_dataset
 from ulmrec.indexing.fit import IndexConfig
@@ -61,7 +62,7 @@ class LcRecConfig:
     # model
     backbone: str | None = field(default=None, metadata={"help": "default: embedded SmolLM2-135M-Instruct"})
     tiny_backbone: bool = field(default=False, metadata={"help": "tiny random Llama (tests)"})
-    prompt_format: str = field(default="chat", metadata={"choices": ("chat", "alpaca")})
+    prompt_format: str = field(default="auto", metadata={"choices": ("auto", "chat", "plain", "alpaca")})
     lora_r: int = 8
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -275,7 +276,7 @@ def stage_finetune(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> bool
 
     def write_adapter(tmp: Path):
         model.save_pretrained(tmp, save_embedding_layers=False)  # index rows travel as token deltas
-        tok.save_pretrained(tmp)
+        save_tokenizer(tok, tmp, cfg.backbone)  # a reference to the base + added tokens
         (tmp / "lcrec_config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
     atomic_dir(adapter, write_adapter)
     state["done"] = True

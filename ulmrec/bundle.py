@@ -6,7 +6,8 @@ A bundle is one folder (or a Hub model repo with the same files):
                                 reference, index kind, preference source, sha256 of every file
     adapter_config.json         the LoRA adapter (PEFT), index-token rows included
     adapter_model.safetensors
-    tokenizer.json, tokenizer_config.json, …   the backbone tokenizer + the 1,024 index tokens
+    tokenizer.json, tokenizer_config.json, …   the backbone tokenizer + the 1,024 index tokens,
+    or tokenizer_ref.json       or a reference to the backbone's tokenizer + the added tokens
     ulmrec_config.json          the ranker/task configuration the adapter was trained with
     user_index.parquet          reviewerID → index string (+ codes a,b,c,d where it has them)
     candidates.parquet          reviewerID, split, retrieved asins in retriever order, scores
@@ -40,9 +41,13 @@ log = logging.getLogger(__name__)
 
 FORMAT = "ulmrec-bundle/1"
 MANIFEST = "bundle.json"
-REQUIRED_FILES = (MANIFEST, "adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
-                  "tokenizer_config.json", "ulmrec_config.json", "user_index.parquet",
+REQUIRED_FILES = (MANIFEST, "adapter_config.json", "adapter_model.safetensors",
+                  "ulmrec_config.json", "user_index.parquet",
                   "candidates.parquet", "metrics.json", "config.yaml", "README.md")
+# a tokenizer: its own files (older bundles), or a reference to the base backbone's tokenizer
+# + the added tokens (ulmrec.backbone.save_tokenizer)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+TOKENIZER_REF = "tokenizer_ref.json"
 DATA_FILES = ("items.parquet", "users.parquet")
 LCREC_DIR = "lcrec"
 LCREC_FILES = ("adapter_config.json", "adapter_model.safetensors", "lcrec_config.json",
@@ -70,9 +75,11 @@ def verify_bundle(folder: str | Path, check_hashes: bool = True) -> dict:
     if manifest.get("format") != FORMAT:
         raise BundleError(f"{folder / MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     needed = list(REQUIRED_FILES) + (list(DATA_FILES) if manifest.get("includes_data") else [])
+    needed += _tokenizer_files(folder)
     if manifest.get("lcrec"):
         own = manifest["lcrec"].get("tokenizer", "own") == "own"
-        needed += [f"{LCREC_DIR}/{f}" for f in LCREC_FILES + (LCREC_TOKENIZER if own else ())]
+        needed += [f"{LCREC_DIR}/{f}" for f in LCREC_FILES]
+        needed += [f"{LCREC_DIR}/{f}" for f in (_tokenizer_files(folder / LCREC_DIR) if own else ())]
     missing = [f for f in needed if not (folder / f).is_file()]
     if missing:
         raise BundleError(f"{folder}: incomplete bundle, missing {', '.join(missing)}")
@@ -84,6 +91,10 @@ def verify_bundle(folder: str | Path, check_hashes: bool = True) -> dict:
             if sha256_file(path) != digest:
                 raise BundleError(f"{path}: corrupt (sha256 differs from the manifest)")
     return manifest
+
+
+def _tokenizer_files(folder: Path) -> tuple[str, ...]:
+    return (TOKENIZER_REF,) if (folder / TOKENIZER_REF).is_file() else TOKENIZER_FILES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,12 +357,13 @@ class Bundle:
 def _backbone_source(manifest: dict, config: dict) -> list[str]:
     """Where the embedded default backbone's package is missing (a Space installs only
     requirements.txt), use the same model from the Hub when online; say so."""
+    from .backbone import embedded_gguf, is_embedded, require_installed
     ref = manifest.get("backbone", {})
-    if ref.get("source") != "embedded" or config.get("backbone"):
+    name = config.get("backbone")
+    if ref.get("source") != "embedded" or (name and not is_embedded(name)):
         return []
-    from .backbone import embedded_gguf
     try:
-        embedded_gguf()
+        embedded_gguf() if not name else require_installed(name)
         return []
     except FileNotFoundError as e:
         if os.environ.get("HF_HUB_OFFLINE", "1") == "1":  # offline unless asked, as load_base
@@ -360,7 +372,8 @@ def _backbone_source(manifest: dict, config: dict) -> list[str]:
                               "set HF_HUB_OFFLINE=0 to fetch the model from the Hub") from None
         config["backbone"] = ref["id"]
         return [f"backbone: {ref.get('package')} is not installed, so {ref['id']} comes from the Hub; "
-                "the adapter was trained on its Q4_1-dequantized weights, so scores may differ slightly"]
+                f"the adapter was trained on its {ref.get('quant', 'Q4_1')}-dequantized weights, so scores "
+                "may differ slightly"]
 
 
 def load_bundle(source: str | Path | None = None, check_hashes: bool = True) -> Bundle:

@@ -6,7 +6,7 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
-from .prompts import render
+from .prompts import adds_special_tokens, render
 from .indexing.table import index_vocab as index_vocabulary  # noqa: F401  (re-export)
 from .tasks import Example
 from .verbalizer import letter_token_ids, response_ids, verbalize
@@ -33,8 +33,8 @@ def encode(tokenizer, ex: Example, fmt: str, max_len: int, with_response: bool =
     `truncated` says so, and callers count it.
     """
     prompt = render(ex.instruction, ex.input, tokenizer, fmt)
-    p_ids = tokenizer(prompt, add_special_tokens=(fmt == "alpaca"))["input_ids"]
-    r_ids = response_ids(tokenizer, ex.response) if with_response else []
+    p_ids = tokenizer(prompt, add_special_tokens=adds_special_tokens(fmt, tokenizer))["input_ids"]
+    r_ids = response_ids(tokenizer, ex.response, fmt) if with_response else []
     budget = max_len - len(r_ids)
     truncated = len(p_ids) > budget
     if truncated:
@@ -94,11 +94,11 @@ def response_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_examples(model, tokenizer, examples: list[Example], fmt: str = "chat",
+def score_examples(model, tokenizer, examples: list[Example], fmt: str = "auto",
                    max_len: int = 1536, batch_size: int = 8, n_letters: int = 20,
                    progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Letter scores and probabilities [N, n_letters] for next-item prompts (no response)."""
-    letter_ids = letter_token_ids(tokenizer, n_letters)
+    letter_ids = letter_token_ids(tokenizer, n_letters, fmt)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -6,9 +6,11 @@ Item *titles* stand for items everywhere, never item ids.
 """
 from __future__ import annotations
 
+import re
 import string
 
 LETTERS = string.ascii_uppercase[:20]  # "A".."T": one letter per retrieved candidate
+_INDEX_TOKEN = re.compile(r"<[a-z]_\d+>")
 
 INSTRUCTIONS = {
     "next_item": [
@@ -70,15 +72,50 @@ def candidates_block(titles: list[str]) -> str:
     return "Candidates:\n" + "\n".join(f"({LETTERS[i]}) {t}" for i, t in enumerate(titles))
 
 
-def render(instruction: str, input_text: str, tokenizer=None, fmt: str = "chat") -> str:
+PROMPT_FORMATS = ("auto", "chat", "plain", "alpaca")
+
+
+def resolve_format(fmt: str, tokenizer=None) -> str:
+    """The concrete format of a prompt: 'auto' (and 'chat') use the tokenizer's chat template
+    when it has one (instruct backbones), else the plain format (base backbones such as
+    gemma3-270m); 'plain' and 'alpaca' are explicit overrides."""
+    if fmt not in PROMPT_FORMATS:
+        raise ValueError(f"unknown prompt format '{fmt}' ({' | '.join(PROMPT_FORMATS)})")
+    if fmt in ("auto", "chat"):
+        return "chat" if tokenizer is not None and getattr(tokenizer, "chat_template", None) else "plain"
+    return fmt
+
+
+def adds_special_tokens(fmt: str, tokenizer=None) -> bool:
+    """Whether the tokenizer's own special tokens (BOS) go in front of a prompt: a chat
+    template writes its own; the plain and alpaca wrappers need them (Gemma needs its <bos>)."""
+    return resolve_format(fmt, tokenizer) != "chat"
+
+
+def response_text(response: str, fmt: str, tokenizer=None) -> str:
+    """A response as it follows the prompt. After the plain format's 'Answer:' running text
+    puts a space, so the answer letter is the word-start token ('Answer: B' → '▁B'), the form
+    the backbone's prior already uses; a chat turn or alpaca's '### Response:' line ends in a
+    newline, and the answer follows directly. A response that starts with an index token
+    (<a_12>…) follows directly in every format: added tokens carry no word-start marker."""
+    if (resolve_format(fmt, tokenizer) == "plain" and response
+            and not _INDEX_TOKEN.match(response)):
+        return " " + response
+    return response
+
+
+def render(instruction: str, input_text: str, tokenizer=None, fmt: str = "auto") -> str:
     """The prompt text up to where the response starts.
 
-    fmt 'chat' uses the tokenizer's chat template (instruct backbones); 'alpaca' is the
+    'chat' uses the tokenizer's chat template (instruct backbones); 'plain' is the
+    'Instruction: / Input: / Answer:' wrapper for base backbones; 'alpaca' is the
     '### Instruction / ### Input / ### Response:' wrapper that LlamaRec and ULMRec used.
+    'auto' picks chat or plain by the tokenizer (resolve_format).
     """
-    if fmt == "chat" and tokenizer is not None and getattr(tokenizer, "chat_template", None):
+    fmt = resolve_format(fmt, tokenizer)
+    if fmt == "chat":
         messages = [{"role": "user", "content": f"{instruction}\n\n{input_text}"}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if fmt not in ("chat", "alpaca"):
-        raise ValueError(f"unknown prompt format '{fmt}' (chat | alpaca)")
+    if fmt == "plain":
+        return f"Instruction: {instruction}\nInput: {input_text}\nAnswer:"
     return f"### Instruction:\n{instruction}\n\n### Input:\n{input_text}\n\n### Response:\n"

@@ -17,6 +17,7 @@ from .data import DataConfig
 from .model import add_index_tokens, index_vocabulary, wrap_lora
 from .tasks import TaskInputs, random_candidates, task_inputs, user_index_strings
 from .paths import runs_root
+from .prompts import PROMPT_FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +30,12 @@ class RankerConfig:
     """The ranker's data sources and model."""
     dataset: str = field(default="gift-cards", metadata={"help": "dataset name or folder"})
     backbone: str | None = field(default=None, metadata={
-        "help": "HF path/id of a causal LM (default: the embedded SmolLM2-135M-Instruct)"})
+        "help": "smollm2-135m (default) | gemma3-270m (packaged backbones) | any HF path/id"})
     tiny_backbone: bool = field(default=False, metadata={
         "help": "a tiny randomly initialised Llama with the default tokenizer (tests, smoke runs)"})
-    prompt_format: str = field(default="chat", metadata={"help": "chat | alpaca", "choices": ("chat", "alpaca")})
+    prompt_format: str = field(default="auto", metadata={
+        "help": "auto (the chat template when the tokenizer has one, else plain) | chat | plain | alpaca",
+        "choices": PROMPT_FORMATS})
     preference_source: str = field(default="auto", metadata={
         "help": "auto (authors' text where the dataset has it, else the preferences stage), "
                 "release, local, openai, extractive, none"})
@@ -172,12 +175,14 @@ def build_ranker(cfg: RankerConfig, ds=None):
 
 def load_ranker(adapter_dir: Path, cfg: RankerConfig, tokenizer_dir: Path | None = None):
     """A trained ranker from an adapter folder written by train.finetune (eval mode); the
-    tokenizer from the same folder unless `tokenizer_dir` names another."""
+    tokenizer from the same folder unless `tokenizer_dir` names another: its own files, or
+    the base tokenizer + the added tokens its tokenizer_ref.json records."""
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
-    model, _ = load_base(cfg, for_training=False)
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir or adapter_dir)
+    from .backbone import load_tokenizer
+
+    model, base_tok = load_base(cfg, for_training=False)
+    tok = load_tokenizer(tokenizer_dir or adapter_dir, base_tok=base_tok)
     if len(tok) != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tok), mean_resizing=False)
     model = PeftModel.from_pretrained(model, adapter_dir)

@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import torch
 
-from .prompts import LETTERS
+from .prompts import LETTERS, response_text
 
 
-def response_ids(tokenizer, response: str) -> list[int]:
-    """Token ids of a response as training sees them: the text, then EOS."""
-    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+def response_ids(tokenizer, response: str, fmt: str = "auto") -> list[int]:
+    """Token ids of a response as training sees them after a prompt of format `fmt`: the
+    text (with the format's lead, e.g. ' B' after the plain 'Answer:'), then EOS."""
+    ids = tokenizer(response_text(response, fmt, tokenizer), add_special_tokens=False)["input_ids"]
     return list(ids) + [tokenizer.eos_token_id]
 
 
-def letter_token_ids(tokenizer, n: int = len(LETTERS)) -> list[int]:
-    """The first response token of each letter answer; each letter must be one token."""
+def letter_token_ids(tokenizer, n: int = len(LETTERS), fmt: str = "auto") -> list[int]:
+    """The first response token of each letter answer after a prompt of format `fmt`; each
+    letter must be one token."""
     out = []
     for letter in LETTERS[:n]:
-        ids = response_ids(tokenizer, letter)[:-1]
+        ids = response_ids(tokenizer, letter, fmt)[:-1]
         if len(ids) != 1:
             raise ValueError(f"letter {letter!r} is {len(ids)} tokens in this tokenizer; "
                              "the verbalizer needs single-token letters")

@@ -169,4 +169,239 @@ def test_cli_prints_table1(capsys, shared_data):
     assert main(["--dataset", "gift-cards"]) == 0
     out = capsys.readouterr().out
     assert "# Users" in out and "gift-cards" in out and "2,941" in out
-    assert main(["--dataset", "all-beauty", "--no-use-cache"]) == 1
+    assert main(["--dataset", "all-beauty", "--no-use-cache"]) == 2  # bad input: usage-type exit
+
+
+# ---------------------------------------------------------------- bad input never passes as good data
+# Small synthetic dumps: 8 users who all review the same 6 items (a 5-core that survives),
+# with enough random words per review that a cut .gz still holds whole lines.
+
+def _review_lines(n_users=8, n_items=6, seed=0):
+    import random
+    rng = random.Random(seed)
+    words = "great card gift easy fast balance store online perfect birthday value".split()
+    # "verified": true, as in the 2018 dumps, makes a line that is not JSON no Python literal either
+    return [json.dumps({"reviewerID": f"U{u:02d}", "asin": f"B{i:02d}", "overall": 5.0, "verified": True,
+                        "unixReviewTime": 1_500_000_000 + 1000 * u + i,
+                        "summary": "ok", "reviewText": " ".join(rng.choices(words, k=60))})
+            for u in range(n_users) for i in range(n_items)]
+
+
+def _meta_lines(n_items=6, title=True):
+    return [json.dumps({"asin": f"B{i:02d}", **({"title": f"Card {i}"} if title else {})})
+            for i in range(n_items)]
+
+
+def _write(path, lines, gz=True):
+    data = ("\n".join(lines) + "\n").encode() if lines else b""
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+def _dump(tmp_path, reviews=None, meta=None, gz=True):
+    """(reviews file, meta file) in tmp_path/dump, the files named as the 2018 release names them."""
+    folder = tmp_path / "dump"
+    folder.mkdir(exist_ok=True)
+    ext = ".json.gz" if gz else ".json"
+    r = _write(folder / f"Toy_5{ext}", _review_lines() if reviews is None else reviews, gz)
+    m = _write(folder / f"meta_Toy{ext}", _meta_lines() if meta is None else meta, gz)
+    return r, m
+
+
+def _cut(path, fraction=0.6):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ULMREC_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "data"
+
+
+def test_synthetic_dump_loads(tmp_path, cache):
+    r, m = _dump(tmp_path)
+    s = load_dataset(DataConfig(reviews=str(r), meta=str(m))).stats()
+    assert (s["users"], s["items"], s["interactions"]) == (8, 6, 48)
+
+
+def test_truncated_reviews_are_an_error_unless_allowed_and_then_loud(tmp_path, cache, capsys):
+    from train.data import main
+    r, m = _dump(tmp_path)
+    _cut(r)
+    with pytest.raises(DataError, match=rf"{r}: truncated or corrupt gzip archive .* after line \d+"
+                                        r".*--allow-truncated"):
+        load_dataset(DataConfig(reviews=str(r), meta=str(m)))
+    assert main(["--reviews", str(r), "--meta", str(m)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(r) in err
+
+    ds = load_dataset(DataConfig(reviews=str(r), meta=str(m), allow_truncated=True, min_core=2))
+    rep = ds.info["lines"]["reviews"]
+    assert rep["truncated"].startswith(f"{r}: truncated") and 0 < rep["kept"] < 48
+    # the kept prefix is served again only with the same escape, and never under --strict
+    with pytest.raises(DataError, match="truncated"):
+        load_dataset(DataConfig(reviews=str(r), meta=str(m), min_core=2))
+    with pytest.raises(DataError, match="truncated"):
+        load_dataset(DataConfig(reviews=str(r), meta=str(m), min_core=2, allow_truncated=True,
+                                strict=True))
+    assert "from_cache" in load_dataset(DataConfig(reviews=str(r), meta=str(m), min_core=2,
+                                                   allow_truncated=True)).info
+    assert main(["--reviews", str(r), "--meta", str(m), "--min-core", "2", "--allow-truncated"]) == 0
+    assert "TRUNCATED" in capsys.readouterr().out
+
+
+def test_truncated_or_corrupt_meta_is_an_error(tmp_path, cache):
+    r, m = _dump(tmp_path, meta=_meta_lines() * 40)  # long enough to cut after a few lines
+    _cut(m, 0.5)
+    with pytest.raises(DataError, match=rf"{m}: truncated or corrupt gzip"):
+        load_dataset(DataConfig(reviews=str(r), meta=str(m)))
+    data = bytearray(gzip.compress(("\n".join(_meta_lines() * 40) + "\n").encode()))
+    data[len(data) // 2: len(data) // 2 + 8] = b"\0" * 8              # damaged, not shorter
+    m.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"{m}: truncated or corrupt gzip"):
+        load_dataset(DataConfig(reviews=str(r), meta=str(m), use_cache=False))
+
+
+def test_strict_fails_on_a_cache_a_lenient_run_wrote(tmp_path, cache):
+    lines = _review_lines()
+    lines.insert(3, "{not json")
+    r, m = _dump(tmp_path, reviews=lines)
+    first = load_dataset(DataConfig(reviews=str(r), meta=str(m)))
+    assert first.info["lines"]["reviews"]["malformed"] == 1
+    with pytest.raises(DataError, match=rf"{r}:4: .*--strict"):
+        load_dataset(DataConfig(reviews=str(r), meta=str(m), strict=True))
+
+
+def test_malformed_line_says_line_column_and_shows_an_excerpt(tmp_path, cache):
+    lines = _review_lines()
+    lines[4] = lines[4].replace('"summary": "ok"', '"summary": "o\x01k"')   # raw control char
+    r, m = _dump(tmp_path, reviews=lines)
+    rep = load_dataset(DataConfig(reviews=str(r), meta=str(m))).info["lines"]["reviews"]
+    issue = rep["first_issues"][0]
+    col = lines[4].index("\x01") + 1
+    assert issue.startswith(f"{r}:5: ")
+    assert f"Invalid control character at column {col}" in issue
+    assert 'near "…' in issue and "\\u0001k" in issue
+
+
+def test_empty_files_are_errors(tmp_path, cache):
+    r, m = _dump(tmp_path, reviews=[])
+    with pytest.raises(DataError, match=rf"{r}: empty file"):
+        load_dataset(DataConfig(reviews=str(r), meta=str(m)))
+    r, m = _dump(tmp_path, meta=[], gz=False)
+    with pytest.raises(DataError, match=rf"{m}: empty file"):
+        load_dataset(DataConfig(reviews=str(r), meta=str(m)))
+
+
+def test_a_file_of_only_malformed_lines_is_an_error(tmp_path, cache):
+    r, m = _dump(tmp_path, reviews=["{oops", "[1, 2]", '{"asin": "B01"}'])
+    with pytest.raises(DataError, match=rf"{r}: none of its 3 lines is a usable record \(first: {r}:1: "):
+        load_dataset(DataConfig(reviews=str(r), meta=str(m)))
+
+
+def test_meta_without_titles_names_the_meta_file(tmp_path, cache):
+    r, m = _dump(tmp_path, meta=_meta_lines(title=False))
+    with pytest.raises(DataError, match=rf"{m}: none of its 6 items has a usable title"):
+        load_dataset(DataConfig(reviews=str(r), meta=str(m)))
+    r, m = _dump(tmp_path, meta=[json.dumps({"asin": "X1", "title": "Other"})])
+    with pytest.raises(DataError, match=rf"{m}: none of the 6 items reviewed in {r} is in it"):
+        load_dataset(DataConfig(reviews=str(r), meta=str(m)))
+
+
+def test_non_utf8_bytes_skip_that_line_only(tmp_path, cache):
+    r, m = _dump(tmp_path)
+    lines = gzip.decompress(r.read_bytes()).split(b"\n")
+    lines[2] = lines[2].replace(b'"ok"', b'"o\xffk"')                     # Latin-1 byte
+    r.write_bytes(gzip.compress(b"\n".join(lines)))
+    ds = load_dataset(DataConfig(reviews=str(r), meta=str(m), min_core=2))
+    rep = ds.info["lines"]["reviews"]
+    assert (rep["read"], rep["kept"], rep["malformed"]) == (48, 47, 1)    # the rest is still read
+    assert rep["first_issues"][0].startswith(f"{r}:3: not UTF-8: byte 0xff")
+
+
+def test_dataset_folder_with_one_of_its_two_files(tmp_path, cache):
+    r, m = _dump(tmp_path)
+    m.unlink()
+    with pytest.raises(DataError, match=r"no meta file"):
+        load_dataset(DataConfig(dataset=str(r.parent)))
+    for present in ("items.jsonl.gz", "sequences.jsonl.gz"):
+        rel = tmp_path / f"rel-{present}"
+        rel.mkdir()
+        _write(rel / present, ['{"item": 1}'])
+        with pytest.raises(DataError, match=r"not found \(a release split folder has"):
+            load_dataset(DataConfig(dataset=str(rel)))
+
+
+def _release(folder, val=(7,), n_users=6):
+    folder.mkdir()
+    _write(folder / "items.jsonl.gz", [json.dumps({"item": i, "asin": f"A{i}", "title": f"T {i}"})
+                                       for i in range(1, 31)])
+    _write(folder / "sequences.jsonl.gz", [
+        json.dumps({"user": u, "reviewerID": f"R{u}", "train": [1 + u, 2 + u, 3 + u, 4 + u],
+                    "val": list(val) if u == 3 else [20], "test": [21 + u]})
+        for u in range(1, n_users + 1)])
+    return folder
+
+
+def test_release_val_list_longer_than_one_item_is_an_error(tmp_path, cache):
+    ok = load_dataset(DataConfig(dataset=str(_release(tmp_path / "ok"))))
+    assert ok.targets("val")[3] == 7
+    bad = _release(tmp_path / "bad", val=(7, 8))
+    with pytest.raises(DataError, match=r"sequences\.jsonl\.gz:3: user 3 \(R3\): 'val' holds 2 items"):
+        load_dataset(DataConfig(dataset=str(bad)))
+
+
+def test_ctrl_c_while_writing_the_cache_leaves_nothing_to_read_back(tmp_path, cache, monkeypatch):
+    r, m = _dump(tmp_path)
+    cfg = DataConfig(reviews=str(r), meta=str(m))
+    real = pd.DataFrame.to_parquet
+    calls = []
+
+    def interrupted(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load_dataset(cfg)
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", real)
+    assert not cache.exists() or not list(cache.iterdir())               # no folder, no temp
+    assert "from_cache" not in load_dataset(cfg).info
+    # a folder left incomplete some other way (a killed older writer, a hand-deleted table)
+    # is rebuilt, never read back
+    (folder,) = cache.iterdir()
+    (folder / "interactions.parquet").unlink()
+    ds = load_dataset(cfg)
+    assert "from_cache" not in ds.info and len(ds.interactions) == 48
+    assert "from_cache" in load_dataset(cfg).info
+
+
+def test_concurrent_runs_writing_the_same_cache(tmp_path, cache):
+    import threading
+
+    from ulmrec.data.dataset import _write_cache
+    r, m = _dump(tmp_path)
+    ds = load_dataset(DataConfig(reviews=str(r), meta=str(m), use_cache=False))
+    target = cache / "toy-0000"
+    errors, start = [], threading.Barrier(4)
+
+    def writer():
+        start.wait()
+        try:
+            for _ in range(15):
+                _write_cache(ds, target)
+        except Exception as e:  # noqa: BLE001 (the test reports whatever a writer hit)
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert [p.name for p in cache.iterdir()] == ["toy-0000"]             # no temp folder left
+    assert len(pd.read_parquet(target / "interactions.parquet")) == 48

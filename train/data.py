@@ -3,6 +3,10 @@
     python -m train.data --dataset gift-cards
     python -m train.data --dataset all            # every dataset under ../shared/data
     python -m train.data --reviews my_5.json.gz --meta meta_my.json.gz --strict
+    python -m train.data --reviews cut_5.json.gz --meta meta_my.json.gz --allow-truncated
+
+Exit status: 0 loaded; 2 bad input (a damaged, empty or unusable file, a malformed line
+under --strict, a bad --config, no users left), named on one line.
 """
 from __future__ import annotations
 
@@ -32,7 +36,9 @@ def describe(ds) -> str:
     parts = [f"{ds.name}: {info['kind']} source, text kind {'/'.join(info['text_kind'])}"]
     for what, rep in info["lines"].items():
         parts.append(f"{what} {rep['kept']:,}/{rep['read']:,} lines kept"
-                     + (f", {rep['malformed']} malformed skipped" if rep["malformed"] else ""))
+                     + (f", {rep['malformed']} malformed skipped" if rep["malformed"] else "")
+                     + (" (TRUNCATED file: only the lines before the damage)"
+                        if rep.get("truncated") else ""))
     counts = info.get("counts", {})
     for key in ("duplicate_user_item", "reviews_without_titled_item", "title_fallbacks"):
         if counts.get(key):
@@ -41,6 +47,8 @@ def describe(ds) -> str:
         parts.append("from cache")
     text = "; ".join(parts)
     for rep in info["lines"].values():
+        if rep.get("truncated"):  # kept under --allow-truncated: never a quiet footnote
+            text += f"\n  WARNING: {rep['truncated']}; kept the {rep['read']:,} lines before it"
         for issue in rep["first_issues"][:5]:
             text += f"\n  skipped {issue}"
     return text
@@ -66,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table1(rows))
         print(f"\n(data root: {data_root()})")
     # 'all' may legitimately hit a dataset with no users left; a single named one may not.
-    return 1 if failed and (len(names) == 1 or not rows) else 0
+    return 2 if failed and (len(names) == 1 or not rows) else 0
 
 
 if __name__ == "__main__":

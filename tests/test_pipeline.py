@@ -55,6 +55,7 @@ def toy(tmp_path, monkeypatch):
     folder = tmp_path / "toy"
     folder.mkdir()
     (folder / "Toy_5.json").write_text('{"reviewerID": "u", "asin": "i"}\n')
+    (folder / "meta_Toy.json").write_text('{"asin": "i", "title": "t"}\n')
     return str(folder)
 
 
@@ -154,11 +155,12 @@ def test_from_and_only_force_stages(toy, monkeypatch):
     assert ran(calls) == ["b"]
     with pytest.raises(PipelineError, match="--from x: unknown stage"):
         run(stages, spec, from_stage="x")
-    # --from is argparse's abbreviation of --from-stage
+    # the flag is --from; the old --from-stage still parses (unlisted in --help)
     yaml_file = Path(toy).parent / "p.yaml"
     yaml_file.write_text(f"dataset: {toy}\na: {{}}\n")
-    cfg = parse_config(PipelineConfig, ["--config", str(yaml_file), "--from", "b", "--dry-run"])
-    assert (cfg.from_stage, cfg.dry_run, cfg.dataset) == ("b", True, toy)
+    for flag in ("--from", "--from-stage"):
+        cfg = parse_config(PipelineConfig, ["--config", str(yaml_file), flag, "b", "--dry-run"])
+        assert (cfg.from_stage, cfg.dry_run, cfg.dataset) == ("b", True, toy)
 
 
 def test_deleted_output_reruns_that_stage_and_later(toy, monkeypatch):
@@ -314,3 +316,47 @@ def test_export_carries_the_lcrec_run_of_the_pipeline(monkeypatch, tmp_path):
     assert [s.name for s in pipeline.STAGES][-2:] == ["lcrec", "export"]
     del spec["lcrec"]                  # no LC-Rec section: a bundle without the part
     assert "lcrec" not in pipeline.build_sections(spec, PipelineConfig(), pipeline.STAGES, None)["export"]
+
+
+def test_run_help_names_the_command_and_the_from_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m train run ")
+    assert "--from STAGE" in out and "--from-stage" not in out and "__main__" not in out
+    with pytest.raises(SystemExit):
+        cli.main(["data", "--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m train data ")
+
+
+@pytest.mark.parametrize("command", [["run"], ["data"], ["retrieve"]])
+def test_missing_or_broken_config_yaml_is_one_line_and_exit_2(tmp_path, capsys, command):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("dataset: gift-cards\ndata: {min_core: 3\n")
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- gift-cards\n")
+    for path, why in ((tmp_path / "x.yaml", "config file not found"),
+                      (broken, "not valid YAML"), (listed, "expected a mapping"),
+                      (tmp_path, "a folder, not a config file")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(command + ["--config", str(path)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {path}") and why in err and err.count("\n") == 1, err
+    with pytest.raises(SystemExit):
+        cli.main(command + ["--config", str(broken)])
+    assert f"{broken}:3:1: not valid YAML" in capsys.readouterr().err   # where YAML noticed
+
+
+def test_config_errors_from_the_shell(tmp_path):
+    """As a user types it: prog name and one-line errors survive `python -m`."""
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "train", "run", "--config", str(tmp_path / "x.yaml")],
+                         cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr == f"error: {tmp_path / 'x.yaml'}: config file not found\n"
+    out = subprocess.run([sys.executable, "-m", "train.data", "--help"], cwd=root,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("usage: python -m train.data ")
+    assert "--allow-truncated" in out.stdout

@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from ulmrec.config import prog_name
+
 # command → module; imported only when chosen (stages pull in torch / transformers)
 COMMANDS = {
     "run": ("train.pipeline", "every stage of a pipeline YAML, skipping what is current"),
@@ -46,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: command {argv[0]!r} needs {name}, which is not in this checkout", file=sys.stderr)
         return 2
-    rc = module.main(argv[1:])
+    with prog_name(f"python -m train {argv[0]}"):  # usage lines name the command typed
+        rc = module.main(argv[1:])
     return rc if isinstance(rc, int) else 0  # train.preferences returns its summary dict
 
 

@@ -42,7 +42,8 @@ from typing import Any
 
 import yaml
 
-from ulmrec.config import from_dict, load_yaml, parse_config
+from ulmrec.config import ConfigError, from_dict, load_yaml, parse_config
+from ulmrec.data import DataError  # bad input, named on its line: logged without a traceback
 from ulmrec.paths import atomic_write, cache_root, runs_root
 
 log = logging.getLogger("train.pipeline")
@@ -70,8 +71,10 @@ class PipelineConfig:
     dataset: str = field(default="", metadata={"help": "overrides the YAML's top-level dataset"})
     seed: int | None = field(default=None, metadata={"help": "overrides the YAML's top-level seed"})
     from_stage: str | None = field(default=None, metadata={
-        "help": "(--from) force this stage and every later one to rerun"})
-    only: str | None = field(default=None, metadata={"help": "run this stage alone, forced"})
+        "flag": "--from", "aliases": ("--from-stage",), "metavar": "STAGE",
+        "help": "force this stage and every later one to rerun"})
+    only: str | None = field(default=None, metadata={"metavar": "STAGE",
+                                                     "help": "run this stage alone, forced"})
     dry_run: bool = field(default=False, metadata={"help": "print what would run or skip, and why"})
 
 
@@ -383,7 +386,7 @@ def run(cfg: PipelineConfig, spec: dict, stages=STAGES, config_path: Path | None
         except Exception as e:  # any stage error ends the pipeline, with its summary
             seconds = time.time() - t0
             log.error("stage %s: failed after %.1f s: %s", stage.name, seconds, e,
-                      exc_info=not isinstance(e, (StageError, PipelineError)))
+                      exc_info=not isinstance(e, (StageError, PipelineError, DataError)))
             state[stage.name] = {**entry, "status": "failed", "error": str(e)[:500]}
             write_state(state_path, state, header)
             rows.append((stage.name, "failed", seconds))
@@ -409,14 +412,14 @@ def main(argv: list[str] | None = None) -> int:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", type=Path, default=None)
     config_path = pre.parse_known_args(argv)[0].config
-    cfg = parse_config(PipelineConfig, argv)  # --from is argparse's abbreviation of --from-stage
+    cfg = parse_config(PipelineConfig, argv)  # a bad --config file exits 2 here, on one line
     if config_path is None:
         print("error: --config <pipeline.yaml> is required", file=sys.stderr)
         return 2
     try:
         spec = load_yaml(config_path)
         return run(cfg, spec, STAGES, config_path)
-    except (PipelineError, FileNotFoundError) as e:
+    except (PipelineError, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

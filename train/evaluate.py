@@ -7,6 +7,11 @@ and every fine-tuned run, in one table.
 A run name refers to runs/<dataset>/finetune/<name>/best; the suffix `+uid` evaluates that
 run as ULMRec-uid (index and candidates only, no history; Table 4). Results are written to
 results/<dataset>.json and .md; per-user predictions to <run>/test_predictions.parquet.
+
+The retriever row ranks each target by the retriever's own scores with the pessimistic tie
+rule every other row uses (ulmrec.metrics), not by list position. Each run's row records how
+many test prompts were cut to max_len and whether it read leak-prone inputs (the authors'
+preferences or user index); the table repeats both under it.
 """
 from __future__ import annotations
 
@@ -22,8 +27,9 @@ import pandas as pd
 
 from ulmrec.config import from_dict, parse_config
 from ulmrec.data import load_dataset
+from ulmrec.data.release import RELEASE_INDEX_NOTE
 from ulmrec.fusion import fit_lambda, fuse
-from ulmrec.metrics import rank_and_overall, ranks_in_list, sample_eval_users, target_ranks
+from ulmrec.metrics import rank_and_overall, sample_eval_users, target_ranks
 from ulmrec.model import score_examples
 from ulmrec.paths import atomic_write, repo_path
 from ulmrec.ranker import (RankerConfig, load_base, load_candidates, load_ranker,
@@ -59,6 +65,29 @@ def _evaluate_scores(frame: pd.DataFrame, examples, scores: np.ndarray) -> dict:
                for i, ex in enumerate(examples)}
     ranks = np.array([by_user.get(int(u), np.inf) for u in frame["user"]])
     return rank_and_overall(ranks, frame["target_in_candidates"].to_numpy())
+
+
+def retriever_ranks(frame: pd.DataFrame, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ranks, retrieved): each target's pessimistic rank among the retriever's top-k by the
+    retriever's scores (a tie counts against the target, as for every ranker row), inf and
+    False where the target is not among them."""
+    scores = np.full((len(frame), k), -np.inf)
+    pos = np.full(len(frame), -1)
+    for row, (cands, s, target) in enumerate(zip(frame["candidates"], frame["scores"],
+                                                 frame["target"])):
+        cands = [int(i) for i in cands][:k]
+        s = np.asarray(s, dtype=np.float64)[:k]
+        if len(s) != len(cands):
+            raise ValueError(f"user {frame['user'].iloc[row]}: {len(cands)} candidates but "
+                             f"{len(s)} retriever scores")
+        scores[row, :len(s)] = s
+        pos[row] = cands.index(int(target)) if int(target) in cands else -1
+    return target_ranks(scores, pos), pos >= 0
+
+
+def leak_notes(notes: list[str], scfg) -> list[str]:
+    """The run's notes plus the authors' user index one where it shows that index."""
+    return notes + ([RELEASE_INDEX_NOTE] if scfg.index_kind == "release" else [])
 
 
 def _retriever_scores(frame: pd.DataFrame, examples, k: int) -> np.ndarray:
@@ -113,10 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
 
     if "retriever" in cfg.baselines:
-        frame = cands.sort_values("user")
-        lists = np.array([list(c)[: cfg.num_candidates] for c in frame["candidates"]])
-        ranks = ranks_in_list(lists, frame["target"].to_numpy())
-        retrieved = np.isfinite(ranks)
+        ranks, retrieved = retriever_ranks(cands.sort_values("user"), cfg.num_candidates)
         results[f"retriever ({cfg.retriever})"] = rank_and_overall(ranks, retrieved)
 
     systems: list[tuple[str, Path | None, EvaluateConfig]] = []
@@ -134,11 +160,18 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model, tok = load_ranker(folder, scfg)
         inp, notes = load_task_inputs(ds, scfg)
+        notes = leak_notes(notes, scfg)
         examples, frame = eval_examples(ds, inp, cands, "test", scfg, users)
+        stats: dict = {}
         scores, probs = score_examples(model, tok, examples, scfg.prompt_format, scfg.max_len,
-                                       cfg.batch_size, scfg.num_candidates)
+                                       cfg.batch_size, scfg.num_candidates, stats=stats)
         res = _evaluate_scores(frame, examples, scores.numpy())
         res["seconds_per_user"] = (time.time() - t0) / max(1, len(examples))
+        res["truncated_prompts"] = stats["truncated"]
+        if stats["truncated"]:
+            notes = notes + [f"{stats['truncated']} of {stats['prompts']} test prompts were longer "
+                             f"than max_len {scfg.max_len} and lost their beginning"]
+        res["leak_prone"] = any("leak-prone" in n for n in notes)
         res["notes"] = notes
         results[name] = res
         log.info("%s: Rank NDCG@10 %.4f, Overall NDCG@10 %.4f (%d users ranked)", name,
@@ -148,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             fit = _fit_fusion(ds, model, tok, inp, scfg, cfg)
             fused = _evaluate_scores(frame, examples, fuse(probs.numpy(), retr, fit["lambda"]))
             fused["fusion"] = {k: v for k, v in fit.items() if k != "curve"}
+            fused.update({k: res[k] for k in ("truncated_prompts", "leak_prone", "notes")})
             results[f"{name} + retriever prior"] = fused
             atomic_write(folder.parent / f"fusion{'_uid' if scfg.no_history else ''}.json",
                          lambda p: p.write_text(json.dumps(fit, indent=1)))
@@ -171,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                "results": results}
     atomic_write(stem.with_suffix(".json"), lambda p: p.write_text(json.dumps(payload, indent=1, default=str)))
     table = results_table(payload)
-    stem.with_suffix(".md").write_text(table + "\n")
+    atomic_write(stem.with_suffix(".md"), lambda p: p.write_text(table + "\n"))
     print(table)
     return 0
 
@@ -186,6 +220,15 @@ def results_table(payload: dict) -> str:
         for view in ("rank", "overall"):
             vals = " | ".join(f"{res[view][c]:.4f}" for c in cols)
             lines.append(f"| {name} | {view.capitalize()} | {vals} |")
+    # what qualifies a row goes with the table, not only into the JSON
+    flagged = [(name, res) for name, res in payload["results"].items()
+               if res.get("leak_prone") or res.get("truncated_prompts")]
+    if flagged:
+        lines.append("")
+    for name, res in flagged:
+        for note in res.get("notes", []):
+            if "leak-prone" in note or "max_len" in note:
+                lines.append(f"- {name}: {note}")
     return "\n".join(lines)
 
 

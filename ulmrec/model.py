@@ -96,8 +96,12 @@ def response_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 @torch.no_grad()
 def score_examples(model, tokenizer, examples: list[Example], fmt: str = "auto",
                    max_len: int = 1536, batch_size: int = 8, n_letters: int = 20,
-                   progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Letter scores and probabilities [N, n_letters] for next-item prompts (no response)."""
+                   progress: bool = True, stats: dict | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Letter scores and probabilities [N, n_letters] for next-item prompts (no response).
+
+    A prompt over max_len loses its beginning (encode): how many did is logged, and written to
+    `stats` ("prompts", "truncated") when given, so an evaluation can report it."""
     letter_ids = letter_token_ids(tokenizer, n_letters, fmt)
     device = next(model.parameters()).device
     was_training = model.training
@@ -106,9 +110,11 @@ def score_examples(model, tokenizer, examples: list[Example], fmt: str = "auto",
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     bar = tqdm(range(0, len(examples), batch_size), desc="verbalizer", disable=not progress,
                unit="batch")
+    truncated = 0
     for start in bar:
         chunk = [encode(tokenizer, ex, fmt, max_len, with_response=False)
                  for ex in examples[start:start + batch_size]]
+        truncated += sum(c["truncated"] for c in chunk)
         batch = collate(chunk, pad)
         out = model(input_ids=batch["input_ids"].to(device),
                     attention_mask=batch["attention_mask"].to(device), logits_to_keep=1)
@@ -117,6 +123,11 @@ def score_examples(model, tokenizer, examples: list[Example], fmt: str = "auto",
         probs.append(p.cpu())
     if was_training:
         model.train()
+    if truncated:
+        log.warning("%d of %d prompts were longer than max_len %d and lost their beginning",
+                    truncated, len(examples), max_len)
+    if stats is not None:
+        stats.update(prompts=len(examples), truncated=truncated)
     if not scores:
         return torch.zeros(0, n_letters), torch.zeros(0, n_letters)
     return torch.cat(scores), torch.cat(probs)

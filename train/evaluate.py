@@ -86,8 +86,10 @@ def retriever_ranks(frame: pd.DataFrame, k: int) -> tuple[np.ndarray, np.ndarray
 
 
 def leak_notes(notes: list[str], scfg) -> list[str]:
-    """The run's notes plus the authors' user index one where it shows that index."""
-    return notes + ([RELEASE_INDEX_NOTE] if scfg.index_kind == "release" else [])
+    """The run's notes plus the authors' user index one where it shows that index (once, should
+    load_task_inputs come to add it for fine-tuning's run notes too)."""
+    release = scfg.index_kind == "release" and RELEASE_INDEX_NOTE not in notes
+    return notes + ([RELEASE_INDEX_NOTE] if release else [])
 
 
 def _retriever_scores(frame: pd.DataFrame, examples, k: int) -> np.ndarray:

@@ -287,7 +287,7 @@ def plan(sections: dict, keys: dict, state: dict, cfg: PipelineConfig) -> dict[s
         elif upstream_ran:
             why = "an earlier stage runs"
         elif prev.get("status") != "done":
-            why = f"{prev.get('status')} last time: resumes"
+            why = f"{prev.get('status')} last time"  # ', resumes' follows
         else:
             missing = [p for p in prev.get("outputs", []) if not Path(p).exists()]
             if missing:

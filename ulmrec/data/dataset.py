@@ -7,7 +7,8 @@ second load takes well under a second and a changed input never reuses a stale c
 
 The cache keeps what the read skipped (malformed lines, a kept truncated prefix) and the
 policy flags are checked against it on every load: `--strict` fails on a cache a lenient run
-wrote, and a truncated prefix kept with `--allow-truncated` is never served without it. A
+wrote. A truncated prefix kept with `--allow-truncated` was accepted for those exact bytes,
+so later stages (which load with default flags) get it too, each time with a warning. A
 cache folder appears whole or not at all (filled under a temp name, then renamed), so an
 interrupted run or two runs writing the same key never leave one half-written to read back.
 """
@@ -241,13 +242,17 @@ def _check_titles(files: dict, meta: pd.DataFrame, titled: pd.DataFrame, reviews
 
 
 def check_policy(info: dict, cfg: DataConfig) -> None:
-    """Apply --strict / --allow-truncated to what the read behind `info` skipped: a cache
-    written by a lenient run must not let a stricter one pass."""
+    """Apply --strict to what the read behind `info` skipped (a cache written by a lenient run
+    must not let a strict one pass), and say again that a truncated prefix is all there is."""
     for rep in info["lines"].values():
-        if rep.get("truncated") and (cfg.strict or not cfg.allow_truncated):
-            raise DataError(f"{rep['truncated']}; the file is damaged (this cache kept only the "
-                            f"{rep['read']:,} lines before it, under --allow-truncated): re-download "
-                            f"it, or pass --allow-truncated")
+        if rep.get("truncated") and cfg.strict:
+            raise DataError(f"{rep['truncated']} (--strict: this cache kept only the "
+                            f"{rep['read']:,} lines before the damage, under --allow-truncated)")
+        if rep.get("truncated"):
+            # accepted for these bytes by an --allow-truncated run; stages after it load
+            # with default flags and must get the same data, but never quietly
+            log.warning("TRUNCATED INPUT %s: using only the %s lines before the damage "
+                        "(accepted with --allow-truncated)", rep["truncated"], f"{rep['read']:,}")
         if cfg.strict and rep["malformed"]:
             raise DataError(f"{rep['first_issues'][0]} (--strict: the cached data skipped "
                             f"{rep['malformed']:,} malformed line(s))")

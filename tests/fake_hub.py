@@ -4,7 +4,7 @@ It speaks the routes that `HfApi.create_repo`, `HfApi.upload_folder` and `snapsh
 use in huggingface_hub 2.x (model repos only):
 
     POST /api/repos/create                          create a repo (409 if it exists)
-    POST /api/validate-yaml                         README.md metadata check (always fine)
+    POST /api/validate-yaml                         README.md metadata check (validate_card_metadata)
     GET  /api/whoami-v2                             the configured user
     GET  /api/agent-harnesses                       empty registry (huggingface_hub's own side request)
     GET  /api/models/<ns>/<name>[/revision/<rev>]   repo info: sha, private, siblings
@@ -12,6 +12,9 @@ use in huggingface_hub 2.x (model repos only):
     POST /api/models/<ns>/<name>/preupload/<rev>    upload modes: every file "regular"
     POST /api/models/<ns>/<name>/commit/<rev>       NDJSON commit, base64 "file" entries
     HEAD/GET /<ns>/<name>/resolve/<rev>/<path>      file bytes with ETag, X-Repo-Commit
+
+A commit whose README.md front matter is not valid model-card metadata is refused with 400, as
+the Hub refuses it ("Invalid metadata in README.md"): see `validate_card_metadata`.
 
 Preupload answers "regular" for every file so the client sends contents base64-encoded inside
 the commit itself: no LFS or Xet storage to fake. Errors carry the JSON bodies and
@@ -28,12 +31,72 @@ import hashlib
 import json
 import re
 import threading
+
+import yaml
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
 USER = "tester"
+# the Hub's pipeline tags that a causal-LM adapter could carry (a subset of the Hub's list)
+PIPELINE_TAGS = {"text-generation", "text2text-generation", "text-classification", "text-ranking",
+                 "feature-extraction", "sentence-similarity", "fill-mask"}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$|^[A-Za-z0-9][\w.-]*$")
+
+
+def validate_card_metadata(readme: str) -> list[str]:
+    """What the Hub would object to in a model card's YAML front matter ([] when it is fine):
+    YAML that does not parse, and the types / ids of the keys ULMRec writes."""
+    if not readme.startswith("---\n"):
+        return []  # no metadata block: the Hub accepts a card without one
+    end = readme.find("\n---", 4)
+    if end < 0:
+        return ["the front matter block is not closed"]
+    try:
+        meta = yaml.safe_load(readme[4:end])
+    except yaml.YAMLError as e:
+        return [f"not YAML: {str(e).splitlines()[0]}"]
+    if meta is None:
+        return []
+    if not isinstance(meta, dict):
+        return ["the front matter is not a mapping"]
+    errors = []
+
+    def ids(key: str, value) -> None:
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if not isinstance(v, str) or not _REPO_ID.match(v):
+                errors.append(f"{key}: {v!r} is not a Hub repo id")
+
+    for key in ("license", "library_name", "pipeline_tag", "model_name"):
+        if key in meta and not isinstance(meta[key], str):
+            errors.append(f"{key}: expected a string")
+    if isinstance(meta.get("pipeline_tag"), str) and meta["pipeline_tag"] not in PIPELINE_TAGS:
+        errors.append(f"pipeline_tag: unknown tag {meta['pipeline_tag']!r}")
+    if "tags" in meta and not (isinstance(meta["tags"], list) and all(isinstance(t, str) for t in meta["tags"])):
+        errors.append("tags: expected a list of strings")
+    for key in ("base_model", "datasets"):
+        if key in meta:
+            ids(key, meta[key])
+    index = meta.get("model-index")
+    if index is not None:
+        if not isinstance(index, list):
+            return errors + ["model-index: expected a list"]
+        for entry in index:
+            results = entry.get("results") if isinstance(entry, dict) else None
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not isinstance(results, list):
+                errors.append("model-index: each entry needs a name and a list of results")
+                continue
+            for r in results:
+                ok = (isinstance(r, dict) and isinstance(r.get("task"), dict) and isinstance(r["task"].get("type"), str)
+                      and isinstance(r.get("dataset"), dict) and isinstance(r["dataset"].get("type"), str)
+                      and isinstance(r["dataset"].get("name"), str) and isinstance(r.get("metrics"), list)
+                      and all(isinstance(m, dict) and isinstance(m.get("type"), str) and "value" in m
+                              for m in r["metrics"]))
+                if not ok:
+                    errors.append("model-index: a result needs task.type, dataset.type/name and metrics")
+    return errors
 
 
 @dataclass
@@ -243,6 +306,10 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self._json({"url": f"{hub.url}/{repo_id}", "name": repo_id, "id": repo_id})
 
         def validate_yaml(self) -> None:
+            payload = json.loads(self.body or b"{}")
+            errors = validate_card_metadata(payload.get("content", ""))
+            if errors:
+                return self._error(400, "Invalid metadata in README.md: " + "; ".join(errors))
             self._json({"errors": [], "warnings": []})
 
         def whoami(self) -> None:
@@ -302,6 +369,10 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                     changes[value["path"]] = None
                 elif key != "header":  # lfsFile etc.: never negotiated by preupload
                     return self._error(400, f"unsupported commit operation {key!r}")
+            readme = changes.get("README.md")
+            errors = validate_card_metadata(readme.decode("utf-8", "replace")) if readme else []
+            if errors:
+                return self._error(400, "Invalid metadata in README.md: " + "; ".join(errors))
             commit = hub.commit(repo, header["summary"], changes)
             self._json({"success": True, "commitOid": commit.sha, "pullRequestUrl": None,
                         "commitUrl": f"{hub.url}/{repo.repo_id}/commit/{commit.sha}"})

@@ -4,6 +4,8 @@ import json
 import numpy as np
 import pytest
 
+from fake_hub import validate_card_metadata
+from test_push import TOKEN, hf_home, hub  # noqa: F401  (fixtures: a private HF home, the fake Hub)
 from tiny_run import train_and_evaluate
 
 from train import export, finetune
@@ -13,6 +15,8 @@ from ulmrec.model import score_examples
 from ulmrec.ranker import load_candidates, load_ranker, load_task_inputs
 from ulmrec.tasks import eval_examples
 
+BASE_ID = "tester/tiny-base"
+HUB_REPO = "tester/ulmrec-tiny"
 ARGS = ["--dataset", "gift-cards", "--tiny-backbone", "--retriever", "random", "--index-kind", "oid",
         "--preference-source", "extractive", "--max-history", "3", "--max-title-words", "4",
         "--max-len", "256"]
@@ -28,8 +32,16 @@ def trained(tmp_path_factory):
     common = ["--dataset", "gift-cards", "--run-name", "t", "--results-dir", str(root / "results")]
     assert export.main(common + ["--out", str(root / "full")]) == 0
     assert export.main(common + ["--out", str(root / "lean"), "--no-include-data"]) == 0
+    # as for the Hub: a base model Hub id (the tiny Llama has none of its own) and a repo id
+    assert export.main(common + ["--out", str(root / "hub"), "--base-model", BASE_ID,
+                                 "--repo-id", HUB_REPO]) == 0
     yield root
     mp.undo()
+
+
+CFG = finetune.FinetuneConfig(tiny_backbone=True, retriever="random", index_kind="oid",
+                              preference_source="extractive", max_history=3, max_title_words=4,
+                              max_len=256)
 
 
 def _reference_scores(root, users):
@@ -139,3 +151,76 @@ def test_missing_embedded_backbone_falls_back_to_the_hub_only_when_online(monkey
     bundle = load_bundle()
     assert bundle.config["backbone"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert any("from the Hub" in n for n in bundle.notes)
+
+
+# -- what the Hub's standard tools see -------------------------------------------------------
+
+
+def test_pushed_files_name_the_base_by_hub_id_and_no_machine_path(trained, hub):
+    from ulmrec.hub import push_bundle
+    from ulmrec.paths import REPO_ROOT
+    push_bundle(trained / "hub", HUB_REPO, token=TOKEN)
+    files = hub.files(HUB_REPO)
+    assert "adapter_model.safetensors" in files and "README.md" in files
+    # the training machine's folders: the repo, the test's runs/results, temp, home
+    machine = {str(REPO_ROOT), str(trained), str(trained.resolve()), "/tmp/", "/home/", "/root/", "/work/"}
+    leaks = {name: m for name, data in files.items() for m in machine if m.encode() in data}
+    assert leaks == {}
+    adapter = json.loads(files["adapter_config.json"])
+    assert adapter["base_model_name_or_path"] == BASE_ID
+    card = files["README.md"].decode()
+    assert f"on `{BASE_ID}`" in card.split("Made by", 1)[1].splitlines()[0]
+    assert json.loads(files["bundle.json"])["base_model"] == BASE_ID
+    # a bundle with no Hub id for its base names none rather than a path
+    for name in ("full", "lean"):
+        assert json.loads((trained / name / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+
+
+def test_card_metadata_is_what_the_hub_accepts(trained):
+    from ulmrec.hubcard import card_metadata
+    card = (trained / "hub" / "README.md").read_text()
+    assert validate_card_metadata(card) == []
+    meta = card_metadata(card)
+    assert meta["library_name"] == "peft" and meta["base_model"] == BASE_ID
+    assert meta["pipeline_tag"] == "text-generation" and meta["license"] == "other"
+    assert "datasets" not in meta        # the Amazon splits are not Hub datasets
+    assert meta["model-index"][0]["results"]
+    full = card_metadata((trained / "full" / "README.md").read_text())
+    assert "base_model" not in full      # no Hub id known: none claimed
+
+
+def test_the_card_snippet_loads_the_adapter_with_plain_transformers_and_peft(trained, tmp_path):
+    """The usage section of the card, run as written (names pointed at local folders)."""
+    import torch
+
+    from ulmrec.hubcard import card_code
+    from ulmrec.ranker import RankerConfig, load_base
+    base_dir = tmp_path / "tiny-base"                 # the seeded tiny Llama the run trained on
+    base, base_tok = load_base(RankerConfig(tiny_backbone=True))
+    base.save_pretrained(base_dir)
+    base_tok.save_pretrained(base_dir)
+    code = card_code((trained / "hub" / "README.md").read_text())
+    assert code.count(f'"{HUB_REPO}"') == 2 and f'"{BASE_ID}"' in code
+    assert "resize_token_embeddings(len(tok))" in code
+    namespace: dict = {}
+    exec(code.replace(f'"{HUB_REPO}"', repr(str(trained / "hub"))).replace(f'"{BASE_ID}"', repr(str(base_dir))),
+         namespace)
+    model, tok = namespace["model"].eval(), namespace["tok"]
+    reference, _ = load_ranker(trained / "hub", CFG)
+    ids = torch.tensor([[tok.convert_tokens_to_ids("<b_7>"), tok.convert_tokens_to_ids("<a_1>"), 5, 17]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_hub_base_id_never_a_path(tmp_path):
+    from ulmrec.hubcard import hub_base_id
+    assert hub_base_id({"id": "HuggingFaceTB/SmolLM2-135M-Instruct", "source": "embedded"}) == \
+        "HuggingFaceTB/SmolLM2-135M-Instruct"
+    local = tmp_path / "my-llama"
+    local.mkdir()
+    (local / "config.json").write_text(json.dumps({"_name_or_path": "meta-llama/Llama-2-7b-hf"}))
+    assert hub_base_id({"id": str(local)}, {"backbone": str(local)}) == "meta-llama/Llama-2-7b-hf"
+    (local / "config.json").write_text(json.dumps({"_name_or_path": str(local)}))
+    assert hub_base_id({"id": str(local)}) is None
+    assert hub_base_id({"id": "tiny-random-llama"}) is None

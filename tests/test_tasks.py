@@ -155,6 +155,39 @@ def test_response_loss_equals_full_loss_on_response_tokens(tokenizer, inputs):
     assert response_loss(model, batch).item() == pytest.approx(full.item(), rel=1e-5)
 
 
+def test_listwise_letter_loss_scores_letter_answers_against_the_letters_only(tokenizer, inputs):
+    """--loss letters: a letter answer's loss is the cross-entropy over the 20 letter logits at
+    its answer position (EOS untrained); any other response keeps the token loss."""
+    import torch
+    from ulmrec.model import IGNORE, response_loss
+    from ulmrec.ranker import RankerConfig, load_base
+    from ulmrec.verbalizer import letter_token_ids
+    model, tok = load_base(RankerConfig(tiny_backbone=True))
+    ids = letter_token_ids(tok, 20, "chat")
+    exs = training_examples(inputs, TaskConfig(max_history=3))
+    letter = [e for e in exs if e.task == "next_item"][:2]
+    other = [e for e in exs if e.task != "next_item"][:1]
+    batch = collate([encode(tok, e, "chat", 512) for e in letter + other], tok.pad_token_id)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    lab = batch["labels"]
+    want, n = 0.0, 0
+    for row in range(3):
+        pos = [t for t in range(1, lab.shape[1]) if lab[row, t] != IGNORE]
+        if row < 2:                                    # letter rows: one listwise term
+            t = pos[0]
+            want += torch.nn.functional.cross_entropy(
+                logits[row, t - 1, ids][None], torch.tensor([ids.index(int(lab[row, t]))])).item()
+            n += 1
+        else:
+            for t in pos:
+                want += torch.nn.functional.cross_entropy(logits[row, t - 1][None], lab[row, t][None]).item()
+                n += 1
+    assert response_loss(model, batch, ids).item() == pytest.approx(want / n, rel=1e-4)
+    # no letter rows: the same as the token loss
+    only = collate([encode(tok, e, "chat", 512) for e in other], tok.pad_token_id)
+    assert response_loss(model, only, ids).item() == pytest.approx(response_loss(model, only).item())
+
+
 def test_retriever_training_candidates_are_hard_and_leak_free(gift_cards, inputs):
     """train_candidates=retriever: the last training prefix gets the retriever's list in its
     order where that list holds the target; other prefixes and misses stay random."""

@@ -33,6 +33,7 @@ from ulmrec.config import parse_config
 from ulmrec.data import load_dataset
 from ulmrec.metrics import metrics_from_ranks, target_ranks
 from ulmrec.model import collate, encode, response_loss, score_examples
+from ulmrec.verbalizer import letter_token_ids
 from ulmrec.paths import atomic_dir, atomic_write_json, runs_root
 from ulmrec.ranker import RankerConfig, build_ranker, load_candidates, load_task_inputs
 from ulmrec.tasks import TaskConfig, eval_examples, task_counts, training_examples
@@ -46,6 +47,10 @@ class FinetuneConfig(RankerConfig, TaskConfig):
     run_name: str = field(default="ulmrec", metadata={"help": "folder name under runs/<dataset>/finetune"})
     output_dir: str | None = field(default=None, metadata={"help": "overrides the run folder"})
     learning_rate: float = 1e-4
+    loss: str = field(default="token", metadata={
+        "help": "token = full-vocabulary cross-entropy on every response token; letters = a "
+                "letter answer scored against the 20 candidate letters only (listwise)",
+        "choices": ("token", "letters")})
     weight_decay: float = 0.0
     num_epochs: float = 1.0
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0 = epochs)"})
@@ -123,6 +128,7 @@ def train(cfg: FinetuneConfig) -> dict:
         log.info("note: %s", note)
 
     model, tok = build_ranker(cfg, ds)
+    letter_ids = letter_token_ids(tok, cfg.num_candidates, cfg.prompt_format) if cfg.loss == "letters" else None
     encoded = [encode(tok, ex, cfg.prompt_format, cfg.max_len)
                for ex in tqdm(examples, desc="tokenize", disable=not acc.is_main_process)]
     n_trunc = sum(e["truncated"] for e in encoded)
@@ -193,7 +199,7 @@ def train(cfg: FinetuneConfig) -> dict:
             batch = collate([encoded[i] for i in mine], pad)
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             with acc.accumulate(model):
-                loss = response_loss(model, batch)
+                loss = response_loss(model, batch, letter_ids)
                 acc.backward(loss)
                 optim.step()           # a no-op until the accumulation is complete
                 optim.zero_grad()

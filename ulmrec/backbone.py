@@ -160,6 +160,7 @@ def _convert_gguf(name: str, target: Path) -> None:
     t0 = time.time()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the cache is shared
     try:
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)

@@ -329,29 +329,23 @@ class Bundle:
             out.append(frame)
         return out
 
-    def decode(self, index: str, max_new_tokens: int = 48) -> str:
-        """Greedy index → preference text (task 2) for a full index or any prefix of it."""
-        return self.decode_many([index], max_new_tokens)[0]
+    def decode(self, index: str, max_new_tokens: int = 48, settings=None) -> str:
+        """Greedy index → preference text (task 2) for a full index or any prefix of it:
+        plain text, whole sentences (ulmrec.decode)."""
+        return self.decode_many([index], max_new_tokens, settings)[0]
 
-    def decode_many(self, indices: list[str], max_new_tokens: int = 48) -> list[str]:
-        """decode() for several indices in one left-padded generate call (a ladder's rungs)."""
-        import torch
+    def decode_many(self, indices: list[str], max_new_tokens: int = 48, settings=None) -> list[str]:
+        """decode() for several indices, batched (a ladder's rungs, a benchmark's users);
+        `settings` (ulmrec.decode.DecodeSettings) overrides max_new_tokens."""
+        from dataclasses import replace
 
+        from .decode import DecodeSettings, decode_indices
         from .indexing.table import parse_token_string
-        from .prompts import INSTRUCTIONS, render
         for index in indices:
             parse_token_string(index)  # raises ValueError on a malformed prefix
-        cfg = self.ranker_config()
+        settings = settings or replace(DecodeSettings(), max_new_tokens=max_new_tokens)
         model, tok = self.model()
-        prompts = [render(INSTRUCTIONS["index_to_pref"][0], f"User index: {i}", tok, cfg.prompt_format)
-                   for i in indices]
-        enc = tok(prompts, add_special_tokens=(cfg.prompt_format == "alpaca"), return_tensors="pt",
-                  padding=True, padding_side="left").to(next(model.parameters()).device)
-        with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-        start = enc["input_ids"].shape[1]
-        return [tok.decode(g[start:], skip_special_tokens=True).strip() for g in gen]
+        return decode_indices(model, tok, indices, self.ranker_config().prompt_format, settings)
 
 
 def _backbone_source(manifest: dict, config: dict) -> list[str]:

@@ -1,0 +1,194 @@
+"""Index → preference decoding: post-processing, the metrics on hand-built cases, the
+prefix profile and the benchmark's measurement with a fake embedder (no model)."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from ulmrec.decode import (catalogue_vocab, centroids, clean_decoded, diversity, own_retrieval,
+                           prefix_fidelity, rank_of_own, retrieval_metrics, sample_negatives,
+                           sentence_ends, strip_markdown, trim_sentences)
+
+# ------------------------------------------------------------------ post-processing
+
+BOILERPLATE = ("User preferences:\n1. **Customizable**: I can tailor my responses to meet the "
+               "user's specific needs and preferences.\n2. **Customizable**: I can provide "
+               "responses that are tailored to the user")
+
+
+def test_markdown_list_becomes_plain_whole_sentences():
+    out = clean_decoded(BOILERPLATE, finished=False, max_sentences=2)
+    assert out == ("Customizable: I can tailor my responses to meet the user's specific needs "
+                   "and preferences.")
+    assert "*" not in out and "\n" not in out and not out.startswith("User preferences")
+
+
+@pytest.mark.parametrize("raw, want", [
+    ("**Bold** and __strong__ and *it* and `code`.", "Bold and strong and it and code."),
+    ("## Likes\n- *Xbox 360* games\n- RPGs", "Likes: Xbox 360 games; RPGs"),
+    ("[Zelda](http://x.y) fan.", "Zelda fan."),
+    ("> quoted line.\n---\nnext.", "quoted line. next."),
+    ("1.\n2. Second item.", "Second item."),
+])
+def test_strip_markdown(raw, want):
+    assert strip_markdown(raw) == want
+
+
+@pytest.mark.parametrize("text, finished, limit, want", [
+    # the budget cut the second sentence: only the complete one stays
+    ("The user likes RPGs. They also enjoy", False, 0, "The user likes RPGs."),
+    # abbreviations and decimals do not end a sentence
+    ("Likes games, e.g. Zelda and Vol. 2 of Halo 3.5 stars. More", False, 0,
+     "Likes games, e.g. Zelda and Vol. 2 of Halo 3.5 stars."),
+    # at most `limit` sentences
+    ("One. Two! Three? Four.", False, 2, "One. Two!"),
+    # the model ended without a full stop: whole text, punctuated
+    ("The user prefers gift cards", True, 2, "The user prefers gift cards."),
+    # cut before any sentence completed: the fragment reads as cut
+    ("The user prefers gift cards from", False, 2, "The user prefers gift cards from…"),
+    # finished with a trailing clause of ≥ 3 words after a sentence: kept, punctuated
+    ("Likes Zelda. Also likes Mario games", True, 0, "Likes Zelda. Also likes Mario games."),
+    ("", True, 2, ""),
+])
+def test_trim_sentences(text, finished, limit, want):
+    assert trim_sentences(text, limit, finished) == want
+
+
+def test_clean_decoded_never_ends_mid_sentence():
+    for raw in [BOILERPLATE, "The user likes", "A. B c d", "**x**: y z.\n\n2."]:
+        out = clean_decoded(raw, finished=False, max_sentences=2)
+        assert out.endswith((".", "!", "?", "…")), out
+        assert "**" not in out
+
+
+def test_sentence_ends_offsets():
+    text = 'He said "great game." Then left! Done'
+    assert [text[:e] for e in sentence_ends(text)] == ['He said "great game."',
+                                                        'He said "great game." Then left!']
+
+
+# ------------------------------------------------------------------ metrics (hand-built)
+
+def test_rank_of_own_counts_ties_against():
+    own = np.array([0.9, 0.5, 0.5])
+    others = np.array([[0.1, 0.2], [0.6, 0.4], [0.5, 0.1]])
+    assert rank_of_own(own, others).tolist() == [1, 2, 2]
+    m = retrieval_metrics(np.array([1, 2, 10, 11]))
+    assert m["own_mrr"] == pytest.approx((1 + 1 / 2 + 1 / 10 + 1 / 11) / 4)
+    assert m["own_hit1"] == 0.25 and m["own_hit10"] == 0.75
+
+
+def test_own_retrieval_on_a_hand_built_case():
+    # 4 users with orthogonal references; user 0's text matches its own reference, user 1's
+    # matches user 2's, user 2's is halfway between its own and user 3's (a tie)
+    refs = np.eye(4)
+    outputs = np.array([[1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1] / np.sqrt(2)])
+    own = np.array([0, 1, 2])
+    negatives = np.array([[1, 2, 3], [0, 2, 3], [0, 1, 3]])
+    m = own_retrieval(outputs, refs, own, negatives)
+    # ranks 1; 4 (user 2's reference beats the own one, users 0 and 3 tie with it at 0 and
+    # ties count against); 2 (tie with user 3)
+    assert m["own_mrr"] == pytest.approx((1 + 1 / 4 + 1 / 2) / 3)
+    assert m["own_hit1"] == pytest.approx(1 / 3)
+    assert m["own_hit10"] == 1.0
+
+
+def test_sample_negatives_never_picks_the_own_row():
+    rng = np.random.default_rng(0)
+    neg = sample_negatives(6, np.array([0, 3, 5]), 4, rng)
+    assert neg.shape == (3, 4)
+    for ex, row in zip([0, 3, 5], neg):
+        assert ex not in row and len(set(row)) == 4
+    small = sample_negatives(3, np.array([1]), 9, rng)     # only 2 others: padded with -1
+    assert sorted(small[0][:2]) == [0, 2] and (small[0][2:] == -1).all()
+
+
+def test_centroids_and_prefix_fidelity():
+    refs = np.array([[1, 0], [1, 0], [0, 1], [0.6, 0.8]])
+    keys, cents = centroids(refs, np.array(["x", "x", "y", "y"]))
+    assert keys.tolist() == ["x", "y"]
+    assert np.allclose(cents[0], [1, 0])
+    assert np.allclose(np.linalg.norm(cents, axis=1), 1)
+    outputs = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    mine = np.array([0, 1, 1])             # the third text sits on the wrong prefix's side
+    m = prefix_fidelity(outputs, cents, mine, np.array([[1], [0], [0]]))
+    assert m["accuracy"] == pytest.approx(2 / 3)
+    assert m["chance"] == pytest.approx(0.5)
+
+
+def test_diversity_and_boilerplate():
+    vocab = catalogue_vocab(["Starbucks Gift Card", "Amazon eGift Card"], {"gift", "card"})
+    assert vocab == {"starbucks", "amazon", "egift"}
+    texts = ["The user prefers Starbucks.", "Customizable: I can tailor my responses.",
+             "Likes Amazon.", "likes amazon."]
+    m = diversity(texts, vocab)
+    # the last two are the same text (case-insensitive): 3 distinct of 4
+    assert m["distinct_ratio"] == pytest.approx(3 / 4)
+    # boilerplate: the catalogue-free one and both duplicates
+    assert m["boilerplate_share"] == pytest.approx(3 / 4)
+    assert m["no_catalogue_word_share"] == pytest.approx(1 / 4)
+
+
+# ------------------------------------------------------------------ the profile
+
+def _profile_index():
+    from ulmrec.profile import ProfileIndex
+    index = ["<a_1><b_1>", "<a_1><b_2>", "<a_1><b_2>", "<a_2><b_1>"]
+    items = [[1, 2], [1, 3], [2, 3], [4]]
+    titles = {1: "Zelda Breath of the Wild", 2: "Mario Kart Deluxe", 3: "Zelda Link Awakening",
+              4: "Halo Reach"}
+    prefs = ["Likes Nintendo.", "Likes Zelda.", None, "Likes shooters."]
+    return ProfileIndex.build(index, items, titles, prefs)
+
+
+def test_prefix_profile_counts_what_the_group_shares():
+    prof = _profile_index()
+    p = prof.profile("<a_1>")
+    assert p.users == 3 and p.share == pytest.approx(0.75)
+    # Zelda BotW: users 0,1; Mario: 0,2; Link's Awakening: 1,2 (ties by item id)
+    assert p.titles[:3] == [("Zelda Breath of the Wild", 2), ("Mario Kart Deluxe", 2),
+                            ("Zelda Link Awakening", 2)]
+    assert ("zelda", 3) in p.phrases                 # all three users had a Zelda title
+    assert not any(ph.startswith("halo") for ph, _ in p.phrases)
+    assert p.preferences == ["Likes Nintendo.", "Likes Zelda."]     # empty ones skipped
+    q = prof.profile("<a_1> <b_2>")
+    assert q.prefix == "<a_1><b_2>" and q.users == 2
+    assert prof.profile("<a_9>").users == 0
+    text = p.text()
+    assert text.startswith("3 users (75.0%)") and "Zelda Breath of the Wild (2)" in text
+
+
+# ------------------------------------------------------------------ the benchmark, no model
+
+def test_measure_ranks_a_perfect_decoder_first():
+    from bench.decode import measure
+    # 12 users in 3 level-a groups; reference i = a distinct word, embedded one-hot
+    users = list(range(1, 13))
+    index = pd.Series({u: f"<a_{(u - 1) // 4}><b_{u % 4}><c_{u}><d_0>" for u in users})
+    refs = pd.Series({u: f"word{u}" for u in users})
+
+    def embed(texts):
+        vecs = []
+        for t in texts:
+            v = np.zeros(13)
+            for w in t.split():
+                if w.startswith("word"):
+                    v[int(w[4:])] += 1
+            v = v if v.any() else np.ones(13)
+            vecs.append(v / np.linalg.norm(v))
+        return np.array(vecs)
+
+    # a perfect decoder: each prefix decodes to its group's words; the full index to the user's
+    group = {k: " ".join(f"word{u}" for u in users if (u - 1) // 4 == k) for k in range(3)}
+    perfect = {u: [group[(u - 1) // 4], f"word{u}", f"word{u}", f"word{u}"] for u in users}
+    constant = {u: ["boilerplate text"] * 4 for u in users}
+    got = measure({"model": perfect, "constant": constant}, refs, index, users, embed,
+                  vocab={"word"}, negatives=5, prefix_negatives=2, seed=0)
+    res = got["results"]
+    assert res["model"]["own_mrr"] == 1.0 and res["model"]["level_a_accuracy"] == 1.0
+    assert res["model"]["distinct_ratio"] == 1.0
+    assert res["model"]["level_a_distinct_ratio"] == 1.0
+    # a constant text ties with everything: ranked last, all boilerplate
+    assert res["constant"]["own_mrr"] == pytest.approx(1 / 6)
+    assert res["constant"]["distinct_ratio"] == pytest.approx(1 / 12)
+    assert res["constant"]["boilerplate_share"] == 1.0
+    assert got["meta"]["own_candidates"] == 6 and got["meta"]["prefixes_per_level"]["a"] == 3

@@ -81,6 +81,9 @@ def load_task_inputs(ds, cfg) -> tuple[TaskInputs, list[str]]:
     index = user_index_strings(ds, cfg.index_kind, pid)
     prefs, pref_notes = load_preference_series(ds, cfg.preference_source)
     notes += pref_notes
+    if cfg.index_kind == "release":           # built from all reviews: may carry held-out data
+        from .data.release import RELEASE_INDEX_NOTE
+        notes.append(RELEASE_INDEX_NOTE)
     inp = task_inputs(ds, index, prefs, cfg.max_title_words)
     if getattr(cfg, "train_candidates", "random") == "retriever":
         if cfg.retriever == "random":

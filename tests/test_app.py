@@ -185,6 +185,9 @@ def test_ladder_has_four_growing_rungs(data):
     ("<a_1>junk", "holds text besides"),
     ("<a_999>", "code 999 is outside the codebook"),
     ("<a_1><b_1><c_1><d_1><e_1>", "at most 4 levels"),
+    ("<a_1><c_2>", "level b is missing: <a_1> is followed by <c_2>"),
+    ("<b_1>", "it starts at level b"),
+    ("<a_1><b_2><b_3>", "<b_3> comes after <b_2>"),
 ])
 def test_malformed_prefix_message(data, bad, message):
     from ulmrec.app import ui
@@ -192,7 +195,7 @@ def test_malformed_prefix_message(data, bad, message):
     with pytest.raises(AppError, match=message.replace("(", r"\(")):
         decode_prefix(data, bad)
     status, _ = ui.on_decode(data, bad)
-    assert status.startswith("⚠️ ") and html.escape(message, quote=False) in status
+    assert status.startswith("⚠️ ") and message in status     # plain text: API clients read it
 
 
 def test_decode_accepts_spaced_prefix(data):
@@ -227,12 +230,12 @@ def test_rank_view_chart_table_and_metrics(data):
     assert table.loc[table["target"] == "✓", "letter"].item() == letter
     # this user's metrics from the target's LLM rank
     r = int(frame.loc[frame["is_target"], "llm_rank"].item())
-    llm = metrics.set_index("system").loc["ULMRec (LLM)"]
+    llm = metrics.set_index("system").loc["ULMRec"]
     assert llm["target rank"] == r
     assert llm["NDCG@10"] == pytest.approx(round(1 / np.log2(r + 1), 4) if r <= 10 else 0.0)
     assert llm["MRR@5"] == pytest.approx(round(1 / r, 4) if r <= 5 else 0.0)
     assert llm["Recall@10"] == (1.0 if r <= 10 else 0.0)
-    retr = metrics.set_index("system").loc["retriever"]
+    retr = metrics.set_index("system").loc["retriever (its own order)"]
     assert retr["target rank"] == int(frame.loc[frame["is_target"], "retriever_rank"].item())
 
 
@@ -243,8 +246,13 @@ def test_rank_without_history_changes_the_prompt(data):
     with_h, without = rank_user(data, uid), rank_user(data, uid, no_history=True)
     assert without["prob"].sum() == pytest.approx(1.0, abs=1e-4)
     assert not np.allclose(with_h["prob"], without["prob"])
-    status, fig, _table, _metrics = ui.on_rank(data, uid, True)
+    status, fig, _table, metrics, history = ui.on_rank(data, uid, True)
     assert status == "" and "no history" in fig.layout.title.text
+    # the page says the history is not used, and the rows say so too
+    assert history.startswith("**History not used.**")
+    assert list(metrics.data["system"]) == ["ULMRec, index only (no history)", "retriever (its own order)"]
+    _, _, _, metrics, history = ui.on_rank(data, uid, False)
+    assert "▸" in history and metrics.data["system"].iloc[0] == "ULMRec"
 
 
 def test_missed_target_scores_zero_and_says_so(data):
@@ -258,7 +266,7 @@ def test_missed_target_scores_zero_and_says_so(data):
     m = user_metrics(frame)
     assert (m["target rank"] == "—").all() and (m.drop(columns=["system", "target rank"]) == 0).all().all()
     tied = frame.assign(prob=[0.4, 0.4, 0.2], is_target=[False, True, False])
-    llm = user_metrics(tied).set_index("system").loc["ULMRec (LLM)"]
+    llm = user_metrics(tied).set_index("system").loc["ULMRec"]
     assert llm["target rank"] == 2 and llm["MRR@5"] == 0.5          # ties count against the target
 
 
@@ -266,11 +274,22 @@ def test_missed_target_scores_zero_and_says_so(data):
 
 def test_overview(data):
     from ulmrec.app import overview
-    table = overview.results_table(data.bundle.metrics)
+    run = data.bundle.manifest["run"]
+    table = overview.results_table(data.bundle.metrics, run)
     systems = list(data.bundle.metrics["results"])
     assert len(table) == 2 * len(systems) and set(table["view"]) == {"Rank", "Overall"}
-    row = table[(table["system"] == systems[-1]) & (table["view"] == "Rank")].iloc[0]
+    labels = overview.system_labels(systems, run)
+    assert labels[run] == "ULMRec" and set(table["system"]) == set(labels.values())
+    assert not any(s in set(table["system"]) for s in systems if s != "retriever")  # no run names
+    row = table[(table["system"] == labels[systems[-1]]) & (table["view"] == "Rank")].iloc[0]
     assert row["NDCG@10"] == round(data.bundle.metrics["results"][systems[-1]]["rank"]["NDCG@10"], 4)
+    # the best value per view and column is marked, and only it
+    styled = overview.results_styled(table)._compute().ctx
+    col = table.columns.get_loc("NDCG@10")
+    for view in ("Rank", "Overall"):
+        part = table[table["view"] == view]["NDCG@10"]
+        marked = {i for i in part.index if styled.get((i, col))}
+        assert marked == set(part.index[part == part.max()]) or part.nunique() == 1
     text = overview.dataset_markdown(data)
     assert "| users | 453 |" in text and "| index kind | pid |" in text
     usage = overview.codebook_usage(data)
@@ -279,6 +298,53 @@ def test_overview(data):
     fig = overview.codebook_chart(data)
     assert len(fig.data) == 1 + 4
     assert "extractive" in overview.notes_markdown(data)
+
+
+def test_overview_says_who_and_prints_no_machine_path(data):
+    from ulmrec.app import overview
+    assert overview.system_labels(["retriever (lrurec)", "backbone (untuned)", "demo", "demo+uid",
+                                   "llamarec"], "demo") == {
+        "retriever (lrurec)": "retriever (LRURec order)", "backbone (untuned)": "untuned LLM",
+        "demo": "ULMRec", "demo+uid": "ULMRec, index only (no history)", "llamarec": "LlamaRec"}
+    labels = overview.system_labels(["demo", "ulmrec-long"], "demo")     # two of a kind stay apart
+    assert labels == {"demo": "ULMRec", "ulmrec-long": "ULMRec [ulmrec-long]"}
+    cap = overview.results_caption({"test_users": 200, "command":
+                                    "python -m train.evaluate --config /home/someone/x/runs/g/pipeline/evaluate.yaml"})
+    assert "/home" not in cap and "--config runs/g/pipeline/evaluate.yaml" in cap
+    # a fallback to the very source asked for is not a note; one note per meaning
+    import dataclasses
+    b = dataclasses.replace(data.bundle, notes=[
+        "preferences: 'extractive' texts not on this machine; showing extractive summaries"])
+    notes = overview.notes_markdown(dataclasses.replace(data, bundle=b))
+    assert "not on this machine" not in notes and notes.count("- ") <= 1 + len(
+        {n for r in data.bundle.metrics["results"].values() for n in r.get("notes", [])})
+
+
+def test_start_user_random_and_filters(data):
+    from ulmrec.app import logic, ui
+    start = logic.start_user(data)
+    t = data.users
+    ok = t[t["has_candidates"] & t["retrieved"]]
+    assert t.at[start, "retrieved"] and t.at[start, "history_len"] == ok["history_len"].max()
+    assert start == ok.index[ok["history_len"] == ok["history_len"].max()].min()
+    # Random never re-picks the user shown when there is another one
+    two = logic.user_choices(data)[:2]
+    for _ in range(20):
+        assert logic.random_user(two, current=two[0][1]) == two[1][1]
+        assert logic.random_user(two, current=two[0][0]) == two[1][1]       # a label works too
+    assert logic.random_user(two[:1], current=two[0][1]) == two[0][1]      # the only one
+    # a filter that leaves out the shown user keeps its label in the box, not a bare id
+    status, count, update, kept = ui.on_filter(data, 1000, None, "any", start)
+    assert kept == [] and update["choices"] == [(logic.user_label(data, start), start)]
+
+
+def test_long_input_is_not_echoed_whole(data):
+    from ulmrec.app import ui
+    long = "x" * 10_000
+    for status in (ui.on_user(data, long)[0], ui.on_decode(data, long)[0], ui.on_rank(data, long, False)[0],
+                   ui.on_decode(data, "<a_1>" + long)[0]):
+        assert status.startswith("⚠️ ") and len(status) < 300, status[:300]
+        assert status.count("x" * 30) == 1 and "characters)" in status
 
 
 def test_missing_bundle_exits_2_with_a_message(tmp_path, capsys):
@@ -291,6 +357,45 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_batcher_shares_one_forward_pass_and_matches_single_requests(data):
+    import threading
+
+    from ulmrec.app.ranking import RankBatcher
+    users = [int(u) for u in data.bundle.users["user"].iloc[:6]]
+    alone = {u: data.bundle.rank([u], batch_size=1)[0] for u in users}
+    b = RankBatcher(data.bundle)
+    assert_frame = pd.testing.assert_frame_equal
+    assert_frame(b.rank(users[0]), alone[users[0]], atol=1e-4, check_exact=False)
+    assert b.batches == [1]                          # a lone request runs at once, alone
+    gate, calls, real = threading.Event(), [], data.bundle.rank
+
+    class Slow:                                      # holds the first batch until all have queued
+        def rank(self, us, **kw):
+            calls.append(list(us))
+            if len(calls) == 1:
+                gate.wait(10)
+            return real(us, **kw)
+    b = RankBatcher(Slow())
+    out = {}
+    threads = [threading.Thread(target=lambda u=u, f=f: out.__setitem__((u, f), b.rank(u, f)))
+               for u in users for f in (False, True)]
+    threads[0].start()
+    while not calls:
+        pass
+    for th in threads[1:]:
+        th.start()
+    while len(b._pending) < len(threads) - 1:
+        pass
+    gate.set()
+    for th in threads:
+        th.join(60)
+    # the first request ran alone; the 11 that waited went as 2 batches (with / without history)
+    assert [len(c) for c in calls] == [1, 5, 6] or [len(c) for c in calls] == [1, 6, 5]
+    for u in users:
+        assert_frame(out[(u, False)], alone[u], atol=1e-4, check_exact=False)
+        assert not np.allclose(out[(u, True)]["prob"], alone[u]["prob"])
 
 
 def test_twenty_concurrent_rank_requests_all_answer(data):
@@ -308,11 +413,18 @@ def test_twenty_concurrent_rank_requests_all_answer(data):
         jobs = [client.submit(u, False, api_name="/rank") for u in users]
         results = [j.result(timeout=120) for j in jobs]
         assert len(results) == 20
-        for u, (status, _plot, table, metrics) in zip(users, results):
+        for u, (status, _plot, table, metrics, _history) in zip(users, results):
             assert status == ""
             assert len(table["data"]) == 20
             probs = [row[table["headers"].index("probability")] for row in table["data"]]
             assert sum(probs) == pytest.approx(1.0, abs=2e-3)
+        assert max(data.rank_batcher.batches) > 1            # requests shared forward passes
+        # the API: the four actions, no page plumbing (/partial*), errors as plain text
+        api = client.view_api(return_format="dict", print_info=False)
+        assert set(api["named_endpoints"]) == {"/rank", "/ladder", "/decode", "/catalogue"}
+        assert not api["unnamed_endpoints"]
+        status, _ = client.predict("<a_1><c_2>", api_name="/decode")
+        assert status.startswith("⚠️ not an index prefix: '<a_1><c_2>': level b is missing")
     finally:
         demo.close()
 

@@ -14,6 +14,7 @@ import pandas as pd
 from .logic import AppData, AppError, serve_ready
 
 TOPN = 10
+COLUMNS = ["rank", "item index", "title", "log-probability", "in retriever's 20", "target"]
 
 
 def lcrec_ready(data: AppData):
@@ -39,10 +40,7 @@ def catalogue_view(data: AppData, user: int, n: int = TOPN) -> tuple[str, pd.Dat
                f"{int(frame['in_candidates'].sum())} of them are also in the retriever's 20.\n\n"
                f"LC-Rec on {part['users']} {part['split']} users: HR@10 {part['metrics']['HR@10']:.4f}, "
                f"NDCG@10 {part['metrics']['NDCG@10']:.4f} (full ranking).")
-    table = pd.DataFrame({
-        "rank": frame["rank"], "item index": frame["index"],
-        "title": frame["title"],
-        "log-probability": frame["score"].astype(float).round(3),
-        "in retriever's 20": np.where(frame["in_candidates"], "✓", ""),
-        "target": np.where(frame["is_target"], "✓", "")})
+    table = pd.DataFrame(dict(zip(COLUMNS, (
+        frame["rank"], frame["index"], frame["title"], frame["score"].astype(float).round(3),
+        np.where(frame["in_candidates"], "✓", ""), np.where(frame["is_target"], "✓", "")))))
     return summary, table

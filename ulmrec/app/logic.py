@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import random
+import re
 import threading
 from dataclasses import dataclass, field
 
@@ -17,13 +18,25 @@ from ..indexing.table import level_letter, parse_token_string, token_string
 
 # the index vocabulary every bundle's tokenizer carries (ulmrec.indexing.table.index_vocab)
 MAX_LEVELS, CODEBOOK_SIZE = 4, 256
-LADDER_TOKENS = 32     # new tokens per rung: four rungs in one click stay a few seconds on CPU
+LADDER_TOKENS = 48     # new tokens per rung at most; decoding stops after two sentences
 NEIGHBOURS = 5
 RETRIEVED = ("any", "yes", "no")
 
 
+ECHO = 40              # characters of a visitor's input quoted back in a message
+
+
 class AppError(ValueError):
     """A visitor's input the app cannot serve; the message is shown on the page."""
+
+
+def echo(value, n: int = ECHO) -> str:
+    """A visitor's input quoted for a message: repr'd, and cut to `n` characters with its
+    length said when longer (a 10,000-character paste is not echoed whole)."""
+    text = str(value)
+    if len(text) <= n:
+        return repr(text)
+    return f"{text[:n]!r}… ({len(text):,} characters)"
 
 
 @dataclass
@@ -37,6 +50,7 @@ class AppData:
     codes: np.ndarray                   # [users, levels] aligned with `users`
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     bf16: bool = False                  # CPU only, opt-in: ~40% faster, scores move slightly
+    rank_batcher: object = field(default=None, repr=False)   # ranking.RankBatcher, made on first use
 
 
 def prepare(bundle, bf16: bool = False) -> AppData:
@@ -101,11 +115,29 @@ def user_choices(data: AppData, min_len: float | None = None, max_len: float | N
     return [(user_label(data, int(u)), int(u)) for u in t.index]
 
 
-def random_user(choices: list[tuple[str, int]], rng: random.Random | None = None) -> int:
+START_RULE = ("the user with the longest history whose next item is among the retriever's "
+              "20 candidates (ties: the lowest id)")
+
+
+def start_user(data: AppData) -> int | None:
+    """The user the page opens on (START_RULE): one whose ranking can be right or wrong, with
+    the most history to look at. None when no user has test candidates."""
+    t = data.users[data.users["has_candidates"]]
+    if t.empty:
+        return None
+    hit = t[t["retrieved"]] if t["retrieved"].any() else t
+    longest = hit["history_len"].max()
+    return int(hit.index[hit["history_len"] == longest].min())
+
+
+def random_user(choices: list[tuple[str, int]], rng: random.Random | None = None,
+                current=None) -> int:
+    """A user from `choices`, never the one shown now (`current`) when there is another."""
     if not choices:
         raise AppError("no user matches these filters: widen the history range or set "
                        "'target retrieved' to any")
-    return (rng or random).choice(choices)[1]
+    others = [c for c in choices if str(c[1]) != str(current) and c[0] != current]
+    return (rng or random).choice(others or choices)[1]
 
 
 def resolve_user(data: AppData, value) -> int:
@@ -116,12 +148,14 @@ def resolve_user(data: AppData, value) -> int:
         value = value.rsplit(" · #", 1)[1]
     if isinstance(value, str):
         value = value.strip().lstrip("#")
+        if len(value) > ECHO:           # no reviewerID is this long: do not quote it whole
+            raise AppError(f"unknown user {echo(value)}")
     try:
         return int(data.bundle.user_row(value)["user"])
     except KeyError as e:
-        raise AppError(str(e.args[0]) if e.args else f"unknown user {value!r}") from None
+        raise AppError(str(e.args[0]) if e.args else f"unknown user {echo(value)}") from None
     except (TypeError, ValueError):
-        raise AppError(f"unknown user {value!r}") from None
+        raise AppError(f"unknown user {echo(value)}") from None
 
 
 def user_summary(data: AppData, user: int) -> str:
@@ -210,26 +244,50 @@ def nearest_users(data: AppData, user: int, k: int = NEIGHBOURS) -> pd.DataFrame
 
 # ------------------------------------------------------------------ decoding an index
 
+LEVEL_TOKEN = re.compile(r"<([a-z])_(\d+)>")
+
+
+def _level_order_problem(text: str) -> str | None:
+    """What is wrong with the order of the level tokens in `text` ('<a_1><c_2>': level b is
+    missing), or None when they run a, b, c, … from the start."""
+    tokens = [(m.group(1), m.group(0)) for m in LEVEL_TOKEN.finditer(text)]
+    for k, (got, token) in enumerate(tokens):
+        want = level_letter(k) if k < 26 else None
+        if got == want:
+            continue
+        if k == 0:
+            return f"it starts at level {got} ({token}); a prefix starts at level a (<a_…>)"
+        if got > want:
+            return (f"level {want} is missing: {tokens[k - 1][1]} is followed by {token}; "
+                    "levels run a, b, c, d without gaps")
+        return (f"{token} comes after {tokens[k - 1][1]}: each level appears once, "
+                f"in the order a, b, c, d (expected <{want}_…> next)")
+    return None
+
+
 def check_prefix(text: str) -> str:
     """A well-formed index prefix in canonical form ('<a_1> <b_2>' → '<a_1><b_2>')."""
     text = (text or "").strip()
     try:
         codes = parse_token_string(text)
     except ValueError:
-        raise AppError(f"not an index prefix: {text!r}. Write level tokens in order starting "
-                       "at <a_…>, e.g. <a_12> or <a_12><b_3>") from None
+        why = _level_order_problem(text)
+        raise AppError(f"not an index prefix: {echo(text)}: " + (why or (
+            "write level tokens in order starting at <a_…>, e.g. <a_12> or <a_12><b_3>"))
+        ) from None
     canon = token_string(codes)
     if canon != text.replace(" ", ""):
-        raise AppError(f"not an index prefix: {text!r} holds text besides the level tokens")
+        raise AppError(f"not an index prefix: {echo(text)} holds text besides the level tokens")
     if len(codes) > MAX_LEVELS:
-        raise AppError(f"{text!r}: an index has at most {MAX_LEVELS} levels (<a_…> to <d_…>)")
+        raise AppError(f"{echo(text)}: an index has at most {MAX_LEVELS} levels (<a_…> to <d_…>)")
     bad = [c for c in codes if c >= CODEBOOK_SIZE]
     if bad:
-        raise AppError(f"{text!r}: code {bad[0]} is outside the codebook (0..{CODEBOOK_SIZE - 1})")
+        raise AppError(f"{echo(text)}: code {bad[0]} is outside the codebook (0..{CODEBOOK_SIZE - 1})")
     return canon
 
 
 def decode_prefix(data: AppData, text: str, max_new_tokens: int = LADDER_TOKENS) -> str:
+    """The generated preference of any prefix: plain text, whole sentences (ulmrec.decode)."""
     prefix = check_prefix(text)
     if data.bundle.manifest.get("index_kind") not in ("pid", "release"):
         raise AppError("this bundle was trained without index tokens (index kind "
@@ -239,16 +297,34 @@ def decode_prefix(data: AppData, text: str, max_new_tokens: int = LADDER_TOKENS)
 
 
 def decode_many(bundle, prefixes: list[str], max_new_tokens: int = LADDER_TOKENS) -> list[str]:
-    """The rungs of a ladder in one batched generate call (callers ran warm())."""
+    """The rungs of a ladder, batched (callers ran warm())."""
     return [t or "(empty)" for t in bundle.decode_many(prefixes, max_new_tokens)]
 
 
+def profiles(data: AppData):
+    """The data-only prefix profiles (ulmrec.profile), built once per AppData: every user's
+    codes, training items (the history before the validation item) and preference."""
+    prof = getattr(data, "_profile_index", None)
+    if prof is None:
+        from ..profile import ProfileIndex
+        users = data.bundle.users.set_index("user").reindex(data.users.index)
+        prof = ProfileIndex.build([token_string(c) for c in data.codes],
+                                  [list(h)[:-1] for h in users["history"]], data.titles,
+                                  users["preference"].tolist())
+        data._profile_index = prof
+    return prof
+
+
 def ladder(data: AppData, user: int, max_new_tokens: int = LADDER_TOKENS) -> pd.DataFrame:
-    """Paper §5.4.4: decode <a>, <a><b>, … the full index; each rung's users-sharing count."""
+    """Paper §5.4.4: decode <a>, <a><b>, … the full index; beside each rung, how many users
+    share the prefix and what they have in common in the data (ulmrec.profile)."""
     table = prefix_table(data, user)
     prefixes = [check_prefix(p) for p in table["prefix"]]
+    prof = profiles(data)
     warm(data)
     table["generated preference"] = decode_many(data.bundle, prefixes, max_new_tokens)
+    table["what these users share (data)"] = [
+        prof.profile(p).text().split(" · ", 1)[-1] for p in prefixes]
     return table
 
 

@@ -1,6 +1,8 @@
 """The Overview tab: dataset statistics, the evaluation table, codebook usage, bundle notes."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -9,6 +11,29 @@ from plotly.subplots import make_subplots
 from .logic import CODEBOOK_SIZE, AppData
 
 COLUMNS = [f"{m}@{k}" for k in (5, 10) for m in ("Recall", "NDCG", "MRR")]
+
+GLOSSARY = """\
+**How to read the numbers.** Each test user has one *next item* (the one they really bought
+next). A model's list puts it at some *rank* (1 = first).
+
+- **Recall@k** (also **HR@k**, hit rate): 1 if the next item is in the top k, else 0,
+  averaged over users. *R@10 = 0.6: for 60% of users it is in the top 10.*
+- **NDCG@k**: like Recall@k but a hit counts more the higher it is: 1 at rank 1, 0.63 at
+  rank 2, 0.5 at rank 3, 0.39 at rank 10, 0 past k.
+- **MRR@k**: 1/rank when the rank is at most k, else 0 (rank 2 → 0.5).
+- **Rank** view: only the users whose next item is among the retriever's 20 candidates
+  (the LLM can only re-order those). **Overall** view: every user, a missed item scoring 0.
+- **Ties** count against the model: an item with the same score as the next item counts as
+  ranked above it.
+- **ULMRec**: the LLM ranker with the user index and six training tasks; **ULMRec, index
+  only**: the same model without the user's history (the paper's ULMRec-uid); **LlamaRec**:
+  the LLM trained on the next-item task alone, without an index; **retriever**: the
+  candidates in the retriever's own order; **untuned LLM**: the backbone before training.
+- **Letters**: the 20 candidates are labelled A–T in the prompt; the LLM's probability of
+  answering each letter is that candidate's score.
+- **User index**: four codes `<a_…><b_…><c_…><d_…>` learned from a user's reviews; users
+  with similar tastes share the first codes.
+"""
 
 
 def dataset_markdown(data: AppData) -> str:
@@ -24,28 +49,80 @@ def dataset_markdown(data: AppData) -> str:
             ("users with retrieved target", retrieved),
             ("backbone", m.get("backbone", {}).get("id", "—")),
             ("index kind", m.get("index_kind", "—")), ("retriever", m.get("retriever", "—")),
-            ("preferences", m.get("preference_source", "—")), ("run", m.get("run", "—")),
+            ("preferences", m.get("preference_source", "—")),
             ("data", "carried in the bundle" if m.get("includes_data") else "joined from ULMREC_DATA")]
     lines = [f"| {k} | {v if v is not None else '—'} |" for k, v in rows]
     return "| statistic | value |\n|---|---|\n" + "\n".join(lines)
 
 
-def results_table(metrics: dict) -> pd.DataFrame:
+def system_label(name: str, bundle_run: str | None = None) -> str:
+    """A results key as a reader names it: run names ('demo', 'demo+uid') become ULMRec /
+    LlamaRec, the baselines say what they are."""
+    base, uid = (name[:-4], True) if name.endswith("+uid") else (name, False)
+    low = base.lower()
+    if low.startswith("retriever"):
+        model = re.search(r"\((\w+)\)", base)
+        return f"retriever ({model.group(1).upper().replace('REC', 'Rec') if model else 'its own'} order)"
+    if low.startswith("backbone"):
+        return "untuned LLM"
+    label = "LlamaRec" if "llamarec" in low else "ULMRec"
+    return label + (", index only (no history)" if uid else "")
+
+
+def system_labels(names, bundle_run: str | None = None) -> dict[str, str]:
+    """system_label for each name; two runs that would read the same keep their run name."""
+    labels = {n: system_label(n, bundle_run) for n in names}
+    seen = list(labels.values())
+    return {n: (lb if seen.count(lb) == 1 or n.removesuffix("+uid") == bundle_run
+                else f"{lb} [{n}]") for n, lb in labels.items()}
+
+
+def results_table(metrics: dict, bundle_run: str | None = None) -> pd.DataFrame:
     """One Rank and one Overall row per evaluated system (paper Table 2's two views)."""
     rows = []
-    for system, res in (metrics.get("results") or {}).items():
+    results = metrics.get("results") or {}
+    labels = system_labels(results, bundle_run)
+    for system, res in results.items():
         for view in ("rank", "overall"):
             if view in res:
-                rows.append({"system": system, "view": view.capitalize(),
+                rows.append({"system": labels[system], "view": view.capitalize(),
                              **{c: round(float(res[view].get(c, np.nan)), 4) for c in COLUMNS}})
-    return pd.DataFrame(rows, columns=["system", "view", *COLUMNS])
+    table = pd.DataFrame(rows, columns=["system", "view", *COLUMNS])
+    return table.sort_values("view", kind="stable", key=lambda v: v != "Rank").reset_index(drop=True)
+
+
+def results_styled(table: pd.DataFrame):
+    """The results table with each column's best value in bold, per view (Rank rows are
+    compared with Rank rows only)."""
+    def best(col: pd.Series):
+        out = [""] * len(col)
+        for view in table["view"].unique():
+            part = col[table["view"] == view]
+            if part.nunique() < 2:
+                continue
+            for i in part.index[part == part.max()]:
+                out[table.index.get_loc(i)] = "font-weight: bold; background-color: #d9f2d9"
+        return out
+    return table.style.apply(best, subset=COLUMNS).format(precision=4, subset=COLUMNS)
+
+
+def _no_machine_path(command: str) -> str:
+    """A command as run from the repository root: absolute paths lose their machine prefix
+    ('/home/x/ulmrec/runs/a.yaml' → 'runs/a.yaml'; other absolute paths keep their name)."""
+    def rel(m):
+        path = m.group(0)
+        hit = re.search(r"/((?:runs|configs|results|assets|cache)/\S*)$", path)
+        return hit.group(1) if hit else path.rsplit("/", 1)[-1]
+    return re.sub(r"(?<![\w.])/[^\s'\"]+", rel, command)
 
 
 def results_caption(metrics: dict) -> str:
     n = metrics.get("test_users")
     cmd = metrics.get("command")
-    return (f"Test users: {n if n is not None else '—'}. Rank: users whose target was retrieved; "
-            "Overall: all users, a missed target scoring 0." + (f"\n\n`{cmd}`" if cmd else ""))
+    return (f"How to read it: one row per system and view, on {n if n is not None else 'the'} "
+            "sampled test users; higher is better, the best value per view is in bold. "
+            "**Rank**: users whose next item was among the retriever's 20; **Overall**: all users, "
+            "a missed item scoring 0." + (f" Made by `{_no_machine_path(cmd)}`." if cmd else ""))
 
 
 def codebook_usage(data: AppData) -> pd.DataFrame:
@@ -80,8 +157,36 @@ def codebook_chart(data: AppData) -> go.Figure:
     return fig
 
 
+def _same_source(note: str) -> bool:
+    """A fallback note that falls back to what was asked for ('extractive' texts missing,
+    showing extractive summaries) says nothing and reads as a contradiction: dropped."""
+    m = re.match(r"preferences: '(\w+)' texts not on this machine; showing (\w+)", note)
+    return bool(m) and m.group(1) == m.group(2)
+
+
+def _plain(note: str, shown: bool = True) -> str:
+    said = (r"the preference texts shown come from the '\1' preferences stage" if shown else
+            r"the LLM's prompts held the '\1' preference texts")
+    return re.sub(r"^preferences: '(\w+)' preferences stage output$", said, note)
+
+
 def notes_markdown(data: AppData) -> str:
-    notes = list(data.bundle.notes)
-    for res in (data.bundle.metrics.get("results") or {}).values():
-        notes += [n for n in res.get("notes", []) if n not in notes]
-    return "\n".join(f"- {n}" for n in notes) if notes else "No notes."
+    """The bundle's notes in two groups: what this app shows, and how the evaluation ran
+    (each note once, with the systems it applies to when not all of them)."""
+    shown = [_plain(n) for n in data.bundle.notes if not _same_source(n)]
+    results = data.bundle.metrics.get("results") or {}
+    run = data.bundle.manifest.get("run")
+    labels = system_labels(results, run)
+    by_note: dict[str, list[str]] = {}
+    for system, res in results.items():
+        for n in res.get("notes", []):
+            by_note.setdefault(_plain(n, shown=False), []).append(labels[system])
+    llms = {lb for k, lb in labels.items() if not k.startswith("retriever")}
+    evaluated = [n + ("" if set(systems) >= llms else f" ({', '.join(systems)})")
+                 for n, systems in by_note.items()]
+    parts = []
+    if shown:
+        parts.append("**This app's data**\n" + "\n".join(f"- {n}" for n in shown))
+    if evaluated:
+        parts.append("**The evaluation**\n" + "\n".join(f"- {n}" for n in evaluated))
+    return "\n\n".join(parts) if parts else "No notes."

@@ -1,5 +1,13 @@
-"""Ranking one user's 20 candidates: the verbalizer chart, the rank table and the user's metrics."""
+"""Ranking one user's 20 candidates: the verbalizer chart, the rank table and the user's metrics.
+
+Concurrent ranking requests share one forward pass: `RankBatcher` hands whatever requests
+are waiting when the model becomes free to `bundle.rank` as one batch (a lone request runs at
+once, alone, so its latency is unchanged)."""
 from __future__ import annotations
+
+import textwrap
+import threading
+from concurrent.futures import Future
 
 import numpy as np
 import pandas as pd
@@ -10,23 +18,88 @@ from .logic import AppData, AppError, warm
 
 BAR, TARGET = "#4c78a8", "#e4572e"
 KS = (5, 10)
+MAX_BATCH = 20
+ULMREC, ULMREC_UID, RETRIEVER = "ULMRec", "ULMRec, index only (no history)", "retriever (its own order)"
+
+
+class RankBatcher:
+    """One forward pass for the ranking requests that wait together.
+
+    The first caller to find the model idle becomes the leader: it takes every waiting
+    request (up to `max_batch`; with and without history in separate batches), runs them,
+    hands each caller its frame, and repeats until nothing waits. Followers just wait for
+    their result. No timer: a request that finds the model idle never waits for company."""
+
+    def __init__(self, bundle, max_batch: int = MAX_BATCH):
+        self.bundle, self.max_batch = bundle, max_batch
+        self._lock = threading.Lock()
+        self._pending: list[tuple[int, bool, Future]] = []
+        self._running = False
+        self.batches: list[int] = []            # sizes of the batches run (bench, tests)
+
+    def rank(self, user: int, no_history: bool = False) -> pd.DataFrame:
+        fut: Future = Future()
+        with self._lock:
+            self._pending.append((user, no_history, fut))
+            lead = not self._running
+            self._running = self._running or lead
+        if lead:
+            self._lead()
+        return fut.result()
+
+    def _lead(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pending:
+                    self._running = False
+                    return
+                flag = self._pending[0][1]
+                take = [r for r in self._pending if r[1] == flag][: self.max_batch]
+                self._pending = [r for r in self._pending if not any(r is x for x in take)]
+            users = [u for u, _, _ in take]
+            try:
+                frames = self.bundle.rank(users, no_history=flag, batch_size=len(users))
+            except BaseException as e:          # every waiting caller sees the failure
+                for _, _, fut in take:
+                    fut.set_exception(e)
+                continue
+            self.batches.append(len(users))
+            for (_, _, fut), frame in zip(take, frames):
+                fut.set_result(frame)
+
+
+def batcher(data: AppData) -> RankBatcher:
+    with data.lock:
+        if data.rank_batcher is None:
+            data.rank_batcher = RankBatcher(data.bundle)
+        return data.rank_batcher
 
 
 def rank_user(data: AppData, user: int, no_history: bool = False) -> pd.DataFrame:
-    """letter, item, title, score, prob, retriever_rank, llm_rank, is_target (bundle.rank, batch 1)."""
+    """letter, item, title, score, prob, retriever_rank, llm_rank, is_target (bundle.rank;
+    batched with whatever other ranking requests wait at the same time)."""
     if user not in data.test_candidates:
         raise AppError(f"user {user} has no test candidates in this bundle")
     warm(data)
-    return data.bundle.rank([user], no_history=no_history, batch_size=1)[0]
+    return batcher(data).rank(user, bool(no_history))
 
 
 def short(title: str, n: int = 30) -> str:
     return title if len(title) <= n else title[: n - 1].rstrip() + "…"
 
 
+def wrap_title(title: str, width: int = 34, lines: int = 2) -> str:
+    """A title on at most `lines` lines of `width` characters (plotly '<br>'), cut with '…'
+    only past that; the full title is in the bar's hover text."""
+    parts = textwrap.wrap(str(title), width) or [""]
+    if len(parts) > lines:
+        parts = parts[: lines - 1] + [short(" ".join(parts[lines - 1:]), width)]
+    return "<br>".join(parts)
+
+
 def tick_labels(frame: pd.DataFrame) -> list[str]:
-    """'A · short title' per candidate: the letter the LLM answers with, first."""
-    return [f"{letter} · {short(str(t))}" for letter, t in zip(frame["letter"], frame["title"])]
+    """'A · title' per candidate (wrapped on two lines): the letter the LLM answers with, first."""
+    return [f"{letter} · {wrap_title(t)}" for letter, t in zip(frame["letter"], frame["title"])]
 
 
 def prob_chart(frame: pd.DataFrame, title: str = "") -> go.Figure:
@@ -41,14 +114,17 @@ def prob_chart(frame: pd.DataFrame, title: str = "") -> go.Figure:
         fig.add_trace(go.Bar(
             x=frame.loc[part, "prob"], y=[lb for lb, p in zip(labels, part) if p], orientation="h",
             name=name, marker_color=colour,
-            customdata=frame.loc[part, ["llm_rank", "retriever_rank"]].to_numpy(),
-            hovertemplate="%{y}<br>p = %{x:.4f}<br>LLM rank %{customdata[0]}, "
-                          "retriever rank %{customdata[1]}<extra></extra>"))
+            customdata=frame.loc[part, ["llm_rank", "retriever_rank", "letter", "title"]].to_numpy(),
+            hovertemplate="%{customdata[2]} · %{customdata[3]}<br>p = %{x:.4f}<br>LLM rank "
+                          "%{customdata[0]}, retriever rank %{customdata[1]}<extra></extra>"))
+    # the legend sits above the plot, right of the title: below it, it ran into the axis title
     fig.update_layout(
-        title=title, height=560, margin={"l": 10, "r": 10, "t": 40 if title else 10, "b": 30},
-        xaxis_title="verbalizer probability", bargap=0.25, legend={"orientation": "h", "y": -0.08},
+        title={"text": title, "x": 0, "xanchor": "left", "y": 0.995, "yanchor": "top"},
+        height=720, margin={"l": 10, "r": 10, "t": 64, "b": 40},
+        xaxis_title="probability the LLM gives the letter", bargap=0.25,
+        legend={"orientation": "h", "x": 1, "xanchor": "right", "y": 1.0, "yanchor": "bottom"},
         yaxis={"categoryorder": "array", "categoryarray": labels, "autorange": "reversed",
-                   "tickfont": {"family": "monospace", "size": 11}})
+               "tickfont": {"family": "monospace", "size": 11}, "automargin": True})
     return fig
 
 
@@ -61,7 +137,7 @@ def rank_table(frame: pd.DataFrame) -> pd.DataFrame:
                          "target": np.where(t["is_target"], "✓", "")})
 
 
-def user_metrics(frame: pd.DataFrame) -> pd.DataFrame:
+def user_metrics(frame: pd.DataFrame, no_history: bool = False) -> pd.DataFrame:
     """This user's Recall/MRR/NDCG@5,10 from the target's pessimistic LLM rank, and from the
     retriever's order; a target outside the candidates scores 0 (the Overall view)."""
     hit = np.flatnonzero(frame["is_target"].to_numpy())
@@ -69,7 +145,7 @@ def user_metrics(frame: pd.DataFrame) -> pd.DataFrame:
     llm = target_ranks(frame["prob"].to_numpy()[None, :], [pos])
     retr = np.array([pos + 1.0 if pos >= 0 else np.inf])
     rows = []
-    for system, ranks in (("ULMRec (LLM)", llm), ("retriever", retr)):
+    for system, ranks in ((ULMREC_UID if no_history else ULMREC, llm), (RETRIEVER, retr)):
         m = metrics_from_ranks(ranks, KS)
         rows.append({"system": system, "target rank": "—" if np.isinf(ranks[0]) else int(ranks[0]),
                      **{f"{name}@{k}": round(m[f"{name}@{k}"], 4)
@@ -77,10 +153,28 @@ def user_metrics(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def mark_best(table: pd.DataFrame, columns: list[str], lower: tuple[str, ...] = ()):
+    """A pandas Styler: per column, the best value in bold on a green ground (the lowest for
+    the `lower` columns, the highest otherwise); nothing marked where all rows tie."""
+    def best(col: pd.Series):
+        vals = pd.to_numeric(col, errors="coerce")
+        if vals.nunique(dropna=True) < 2:
+            return [""] * len(col)
+        top = vals.min() if col.name in lower else vals.max()
+        return ["font-weight: bold; background-color: #d9f2d9" if v == top else "" for v in vals]
+    cols = [c for c in columns if c in table]
+    return table.style.apply(best, subset=cols).format(precision=4, subset=cols)
+
+
+def metrics_styled(metrics: pd.DataFrame):
+    cols = [c for c in metrics.columns if "@" in c] + ["target rank"]
+    return mark_best(metrics, cols, lower=("target rank",))
+
+
 def rank_view(data: AppData, user: int, no_history: bool = False):
     """(frame, chart, table, metrics) for one user."""
     frame = rank_user(data, user, no_history)
-    mode = "ULMRec-uid: index only, no history" if no_history else "index + history"
+    mode = "index only, no history" if no_history else "index + history"
     missed = "" if frame["is_target"].any() else " · target not retrieved"
     return (frame, prob_chart(frame, f"user #{user} ({mode}){missed}"), rank_table(frame),
-            user_metrics(frame))
+            user_metrics(frame, no_history))

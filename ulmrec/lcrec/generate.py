@@ -1,6 +1,8 @@
 """Generative top-n over the whole catalogue: constrained beam search with the index trie."""
 from __future__ import annotations
 
+import threading
+
 import torch
 from tqdm.auto import tqdm
 
@@ -14,7 +16,7 @@ from .trie import build_trie, item_token_ids, prefix_fn
 def generate_topn(model, tok, examples: list[Example], token_items: dict[tuple[int, ...], int],
                   n: int = 10, beams: int = 20, banned_items: list[list[int]] | None = None,
                   fmt: str = "chat", max_len: int = 1024, batch_size: int = 4,
-                  trie: dict | None = None, progress: bool = False
+                  trie: dict | None = None, progress: bool = False, share_prompt: bool = False
                   ) -> tuple[list[list[tuple[int, float]]], dict]:
     """Per prompt, the n best items as (item, beam score), best first; and counts of what was
     dropped. `token_items` maps index token-id tuples to items (trie.item_token_ids);
@@ -22,7 +24,11 @@ def generate_topn(model, tok, examples: list[Example], token_items: dict[tuple[i
 
     A score is the sum of the item's index-token log-probabilities under the model (the trie
     masks tokens after the softmax, so probability left on invalid tokens is not handed back;
-    length_penalty 0: every item has the same length). Scores rank items within one prompt."""
+    length_penalty 0: every item has the same length). Scores rank items within one prompt.
+
+    share_prompt (batch_size 1 only): run the prompt through the model once and hand its cache
+    to every beam, instead of generate's default of copying the prompt `beams` times before
+    the first forward pass (20× the prompt's compute; the app's whole-catalogue tab)."""
     trie = trie or build_trie(token_items)
     by_item = {item: ids for ids, item in token_items.items()}
     depth = len(next(iter(token_items)))
@@ -39,8 +45,12 @@ def generate_topn(model, tok, examples: list[Example], token_items: dict[tuple[i
         banned = None
         if banned_items is not None:
             banned = [{by_item[i] for i in b if i in by_item} for b in banned_items[s:s + batch_size]]
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        extra = {}
+        if share_prompt and len(chunk) == 1 and width > 1:
+            extra[_cache_kw(model)] = prompt_cache(model, ids[:, :-1], mask[:, :-1], beams)
         out = model.generate(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+            input_ids=ids, attention_mask=mask, **extra,
             num_beams=beams, num_return_sequences=beams, max_new_tokens=depth, do_sample=False,
             prefix_allowed_tokens_fn=prefix_fn(trie, width, pad, banned), early_stopping=True,
             return_dict_in_generate=True, output_scores=True, pad_token_id=pad,
@@ -67,6 +77,44 @@ def generate_topn(model, tok, examples: list[Example], token_items: dict[tuple[i
     return results, stats
 
 
+def prompt_cache(model, ids: torch.Tensor, mask: torch.Tensor, copies: int):
+    """The key/value cache of one prompt (all but its last token), repeated for `copies` beams:
+    generate then runs only the last prompt token per beam before the first search step."""
+    from transformers import DynamicCache
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1,
+          **{_cache_kw(model): cache})
+    cache.batch_repeat_interleave(copies)
+    return cache
+
+
+def _cache_kw(model) -> str:
+    """The keyword a causal LM takes its key/value cache by: `cache` in recent transformers,
+    `past_key_values` before (and deprecated after)."""
+    import inspect
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+_CATALOGUE: dict[tuple[int, int], tuple] = {}
+_CATALOGUE_LOCK = threading.Lock()
+
+
+def catalogue_tables(tok, index_table) -> tuple[dict[int, str], dict[tuple[int, ...], int], dict]:
+    """(item → index string, token ids → item, trie) for one tokenizer and item index, built
+    once and kept: the whole-catalogue tab asks for them on every request. Keyed by the two
+    objects' identities (a bundle keeps both for its lifetime; the entry holds them alive, so
+    an id is never reused while its entry exists)."""
+    key = (id(tok), id(index_table))
+    with _CATALOGUE_LOCK:
+        hit = _CATALOGUE.get(key)
+        if hit is None or hit[0] is not tok or hit[1] is not index_table:
+            index = dict(zip(index_table["item"].astype(int).tolist(), index_table["index"].tolist()))
+            token_items = item_token_ids(tok, index_table)
+            hit = _CATALOGUE[key] = (tok, index_table, index, token_items, build_trie(token_items))
+    return hit[2], hit[3], hit[4]
+
+
 def recommend(model, tok, history_item_ids: list[int], index_table, n: int = 10,
               beams: int = 20, fmt: str = "chat", max_history: int = 20,
               exclude_history: bool = True) -> list[tuple[int, str, float]]:
@@ -74,12 +122,11 @@ def recommend(model, tok, history_item_ids: list[int], index_table, n: int = 10,
 
     index_table: the item index (columns item, index) written by `train.lcrec`'s index stage;
     the model must carry the index tokens (add_index_tokens) it was fine-tuned with."""
-    index = dict(zip(index_table["item"].astype(int).tolist(), index_table["index"].tolist()))
+    index, token_items, trie = catalogue_tables(tok, index_table)
     history = [int(i) for i in history_item_ids if int(i) in index]
     data = LcRecData(index=index, titles={}, texts={}, train=None)
     ex = seq_example(data, -1, history, None, max_history)
-    token_items = item_token_ids(tok, index_table)
     [top], _ = generate_topn(model, tok, [ex], token_items, n=n, beams=max(beams, n),
                              banned_items=[history] if exclude_history else None, fmt=fmt,
-                             batch_size=1)
+                             batch_size=1, trie=trie, share_prompt=True)
     return [(item, index[item], score) for item, score in top]

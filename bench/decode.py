@@ -137,13 +137,15 @@ def reference_texts(ds, source: str) -> tuple[pd.Series, dict]:
             "name": "release", "leak_prone": True,
             "note": f"the authors' GPT-3.5 preferences ({release_coverage(ds):.1%} of users), written "
                     "from ALL of a user's reviews: leak-prone (may mention validation/test items)"}
-    if source == "auto":
-        try:
-            s = load_preferences(ds, backend="auto")
-            return s, {"name": "auto", "leak_prone": False,
-                       "note": "the preferences stage's output (first of local, openai, extractive)"}
-        except (FileNotFoundError, ValueError):
-            source = "extractive"
+    if source == "auto":            # the preferences stage's output, best backend first
+        for name in ("local", "openai"):
+            try:
+                return load_preferences(ds, backend=name), {
+                    "name": name, "leak_prone": False,
+                    "note": f"the preferences stage's '{name}' output (training reviews only)"}
+            except (FileNotFoundError, ValueError):
+                continue
+        source = "extractive"
     if source == "extractive":
         return extractive_texts(ds), {
             "name": "extractive", "leak_prone": False,
@@ -238,7 +240,9 @@ def results_table(payload: dict) -> str:
         "|---|" + "---:|" * len(cols)]
     for system, res in payload["results"].items():
         vals = " | ".join(f"{res[k]:.3f}" for k, _ in cols)
-        lines.append(f"| {SYSTEMS.get(system, system)} | {vals} |")
+        same = " (= the reference text: an upper bound)" if system == "extractive" and \
+            ref.get("name") == "extractive" else ""
+        lines.append(f"| {SYSTEMS.get(system, system)}{same} | {vals} |")
     chance = payload["results"]["model"]
     lines.append("| chance | " + " | ".join(
         [f"{payload['meta']['own_mrr_chance']:.3f}", f"{1 / payload['meta']['own_candidates']:.3f}",

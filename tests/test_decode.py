@@ -192,3 +192,105 @@ def test_measure_ranks_a_perfect_decoder_first():
     assert res["constant"]["distinct_ratio"] == pytest.approx(1 / 12)
     assert res["constant"]["boilerplate_share"] == 1.0
     assert got["meta"]["own_candidates"] == 6 and got["meta"]["prefixes_per_level"]["a"] == 3
+
+
+# ------------------------------------------------------------------ the tasks that teach it
+
+@pytest.fixture(scope="module")
+def pid_inputs(gift_cards):
+    from ulmrec.tasks import task_inputs
+    users = gift_cards.users.set_index("user")
+    index = pd.Series({u: f"<a_{u % 3}><b_{u % 5}><c_{u % 7}><d_{u}>" for u in users.index})
+    pref = pd.Series({u: f"The user likes gift card {u % 3}. They buy for family {u}. "
+                         f"Another long sentence about the user number {u} here." for u in users.index})
+    return task_inputs(gift_cards, index, pref, max_title_words=8)
+
+
+def test_defaults_build_what_they_built_before(pid_inputs):
+    from ulmrec.tasks import TaskConfig, training_examples
+    cfg = TaskConfig(tasks=("index_to_pref", "pref_to_index"), task_ratio=(1.0, 1.0))
+    ex = training_examples(pid_inputs, cfg)
+    i2p = [e for e in ex if e.task == "index_to_pref"]
+    assert len(i2p) == len(pid_inputs.train)                        # one per user, full index
+    assert all(e.input.count("<") == 4 for e in i2p)
+    assert all(e.response == pid_inputs.preference[e.user] for e in i2p)
+
+
+def test_prefix_examples_and_response_budget(pid_inputs):
+    from ulmrec.tasks import TaskConfig, training_examples
+    n = len(pid_inputs.train)
+    cfg = TaskConfig(tasks=("index_to_pref",), task_ratio=(1.0,), index_prefix_examples=3,
+                     pref_max_words=12)
+    ex = training_examples(pid_inputs, cfg)
+    assert len(ex) == 4 * n                                         # full index + a, ab, abc
+    levels = sorted({e.input.count("<") for e in ex})
+    assert levels == [1, 2, 3, 4]
+    for e in ex:
+        full = pid_inputs.index[e.user]
+        assert full.startswith(e.input.removeprefix("User index: "))
+        # whole sentences within 12 words: the first one only
+        assert e.response == f"The user likes gift card {e.user % 3}." or \
+            e.response == f"The user likes gift card {e.user % 3}. They buy for family {e.user}."
+        assert len(e.response.split()) <= 12 and e.response.endswith(".")
+    half = training_examples(pid_inputs, TaskConfig(tasks=("index_to_pref",), task_ratio=(1.0,),
+                                                    index_prefix_examples=0.5))
+    assert 1.3 * n < len(half) < 1.7 * n
+
+
+def test_task_ratio_above_one_repeats_the_pool(pid_inputs):
+    from ulmrec.tasks import TaskConfig, task_counts, training_examples
+    n = len(pid_inputs.train)
+    ex = training_examples(pid_inputs, TaskConfig(tasks=("index_to_pref", "pref_to_index"),
+                                                  task_ratio=(2.5, 0.5)))
+    counts = task_counts(ex)
+    assert counts["index_to_pref"] == 2 * n + round(n / 2)
+    assert counts["pref_to_index"] == round(n / 2)
+
+
+# ------------------------------------------------------------------ the app's ladder
+
+class _FakeBundle:
+    """Just enough of a Bundle for app.logic.ladder: tables, a model stub, canned decoding."""
+
+    def __init__(self):
+        import torch
+        self.manifest = {"index_kind": "pid"}
+        codes = [(1, 1, 1, 0), (1, 2, 1, 0), (1, 2, 2, 0), (2, 1, 1, 0)]
+        self.users = pd.DataFrame({
+            "user": [1, 2, 3, 4], "reviewerID": ["U1", "U2", "U3", "U4"],
+            "history": [[1, 2, 9], [1, 3, 9], [2, 3, 9], [4, 9]], "target": [5, 5, 5, 5],
+            "preference": ["Likes Nintendo.", "Likes Zelda.", None, "Likes shooters."],
+            "index": ["".join(f"<{'abcd'[k]}_{c}>" for k, c in enumerate(row)) for row in codes]})
+        for k, col in enumerate("abcd"):
+            self.users[col] = [row[k] for row in codes]
+        self.candidates = pd.DataFrame({"user": [1, 2, 3, 4], "split": "test",
+                                        "candidates": [[5, 6]] * 4})
+        self.items = pd.DataFrame({"item": range(1, 10), "title": [
+            "Zelda Breath of the Wild", "Mario Kart Deluxe", "Zelda Link Awakening", "Halo Reach",
+            "Metroid", "Pikmin", "Kirby", "Fox", "Validation Item"]})
+        self._model = torch.nn.Linear(1, 1)
+
+    def titles(self):
+        return dict(zip(self.items["item"], self.items["title"]))
+
+    def model(self):
+        return self._model, None
+
+    def decode_many(self, prefixes, max_new_tokens):
+        return [f"Decoded {p}." for p in prefixes]
+
+
+def test_ladder_shows_each_rungs_data_profile():
+    from ulmrec.app.logic import ladder, prepare, profiles
+    data = prepare(_FakeBundle())
+    table = ladder(data, 2)
+    assert list(table["prefix"]) == ["<a_1>", "<a_1><b_2>", "<a_1><b_2><c_1>",
+                                     "<a_1><b_2><c_1><d_0>"]
+    assert list(table["generated preference"])[0] == "Decoded <a_1>."
+    col = table["what these users share (data)"]
+    # <a_1> is shared by users 1-3: all three had a Zelda title; the validation item (the
+    # last history item) is not a training item and never shows
+    assert "zelda (3)" in col.iloc[0] and "Validation" not in " ".join(col)
+    assert col.iloc[1].startswith("top items: Zelda Link Awakening (2)")
+    assert profiles(data) is profiles(data)                       # built once
+    assert profiles(data).profile("<a_1>").users == table["users sharing it"].iloc[0]

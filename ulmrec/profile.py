@@ -102,6 +102,7 @@ class ProfileIndex:
                 scored.append((c - expected, c, p))
         scored.sort(key=lambda t: (-t[0], -t[1], t[2]))
         phrases = _drop_contained([(p, c) for _, c, p in scored], n_phrases)
+        phrases.sort(key=lambda pc: -pc[1])          # shown by count, most shared first
         prefs = [self.preferences[r] for r in rows
                  if isinstance(self.preferences[r], str) and self.preferences[r].strip()]
         canon = token_string(parse_token_string(prefix))

@@ -9,6 +9,7 @@ uses the retriever's top-20 in retriever order.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +42,14 @@ class TaskConfig:
         "choices": ("random", "retriever")})
     no_history: bool = field(default=False, metadata={
         "help": "ULMRec-uid: next-item prompts show the index and candidates only"})
+    index_prefix_examples: float = field(default=0.0, metadata={
+        "help": "extra index_to_pref examples per user on a shorter prefix of the index (<a>, "
+                "<a><b>, …) answered with the user's preference, so that a prefix decodes to what "
+                "its users share (the app's ladder): 1 = one per user at a random level, 3 = one "
+                "per level, 0.5 = for half the users"})
+    pref_max_words: int = field(default=0, metadata={
+        "help": "index_to_pref responses keep whole sentences within this many words (0 = the "
+                "whole text): a target the decoder can finish within its token budget"})
     seed: int = 42
 
 
@@ -148,6 +157,38 @@ def _index_line(inp: TaskInputs, user: int) -> str | None:
     return f"User index: {inp.index[user]}"
 
 
+_INDEX_TOKEN = re.compile(r"<[a-z]_\d+>")
+
+
+def _index_prefixes(index: str, per_user: float, rng: random.Random) -> list[str]:
+    """Shorter prefixes of a semantic index for index_to_pref (none for N-ID / O-ID):
+    int(per_user) of them, one more with probability of the fraction; levels drawn without
+    repeats, all levels when as many are asked."""
+    if per_user <= 0:
+        return []
+    tokens = _INDEX_TOKEN.findall(str(index))
+    if len(tokens) < 2:
+        return []
+    n = int(per_user) + (rng.random() < per_user - int(per_user))
+    levels = list(range(1, len(tokens)))
+    chosen = levels if n >= len(levels) else sorted(rng.sample(levels, n))
+    return ["".join(tokens[:k]) for k in chosen]
+
+
+def _pref_response(pref: str, max_words: int) -> str:
+    """The preference as an index_to_pref target: whole sentences within max_words (the first
+    sentence where even that is longer; the whole text when max_words is 0)."""
+    pref = " ".join(str(pref).split())
+    if not max_words or len(pref.split()) <= max_words:
+        return pref
+    from .decode import sentence_ends
+    ends = sentence_ends(pref)
+    fits = [e for e in ends if len(pref[:e].split()) <= max_words]
+    if fits:
+        return pref[: fits[-1]]
+    return pref[: ends[0]] if ends else pref
+
+
 def _pick(rng: random.Random | None, task: str) -> str:
     return INSTRUCTIONS[task][0] if rng is None else rng.choice(INSTRUCTIONS[task])
 
@@ -194,8 +235,12 @@ def training_examples(inp: TaskInputs, cfg: TaskConfig) -> list[Example]:
         hist = seq[-cfg.max_history:]
         if index is not None and has_pref:
             if "index_to_pref" in pools:
+                short = _pref_response(pref, cfg.pref_max_words)
                 pools["index_to_pref"].append(Example("index_to_pref", user, _pick(rng, "index_to_pref"),
-                                                      f"User index: {index}", pref))
+                                                      f"User index: {index}", short))
+                for prefix in _index_prefixes(index, cfg.index_prefix_examples, rng):
+                    pools["index_to_pref"].append(Example(
+                        "index_to_pref", user, _pick(rng, "index_to_pref"), f"User index: {prefix}", short))
             if "pref_to_index" in pools:
                 pools["pref_to_index"].append(Example("pref_to_index", user, _pick(rng, "pref_to_index"),
                                                       f"Preferences: {pref}", index))
@@ -221,7 +266,10 @@ def training_examples(inp: TaskInputs, cfg: TaskConfig) -> list[Example]:
     out: list[Example] = []
     for task, ratio in zip(cfg.tasks, cfg.task_ratio):
         pool = pools[task]
-        keep = len(pool) if ratio >= 1 else int(round(len(pool) * ratio))
+        # a ratio above 1 repeats the pool (2.5 = every example twice, half of them thrice)
+        copies, frac = (int(ratio), ratio - int(ratio)) if ratio > 1 else (0, ratio)
+        out.extend(pool * copies)
+        keep = len(pool) if frac >= 1 else int(round(len(pool) * frac))
         out.extend(rng.sample(pool, keep) if keep < len(pool) else pool)
     rng.shuffle(out)
     return out

@@ -106,3 +106,31 @@ def test_index_token_rows_survive_the_small_adapter_round_trip(tmp_path):
     with torch.no_grad():
         after = loaded(input_ids=ids).logits
     torch.testing.assert_close(before, after, atol=1e-5, rtol=1e-5)
+
+
+def test_a_4bit_base_is_prepared_for_kbit_training_only_when_training(tmp_path, monkeypatch):
+    """Inference (load_ranker, the app) must not get gradient checkpointing / fp32 casts; training
+    gets them with non-reentrant checkpointing. The 4-bit load itself is simulated (no CUDA)."""
+    import peft
+    import transformers
+
+    from ulmrec.ranker import RankerConfig, load_base
+    base, tok = load_base(RankerConfig(tiny_backbone=True))
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def as_4bit(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.is_loaded_in_4bit = True
+        return model
+    calls = []
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", as_4bit)
+    monkeypatch.setattr(peft, "prepare_model_for_kbit_training",
+                        lambda model, **kw: calls.append(kw) or model)
+    cfg = RankerConfig(backbone=str(tmp_path / "base"))
+    load_base(cfg, for_training=False)
+    assert calls == []
+    load_base(cfg)
+    assert calls == [{"use_gradient_checkpointing": True,
+                      "gradient_checkpointing_kwargs": {"use_reentrant": False}}]

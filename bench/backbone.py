@@ -184,7 +184,9 @@ def main(argv=None) -> int:
     for name, r in rows.items():
         u = r.get("untuned", {})
         first = f"{r['first_load_s']:.1f}" if "first_load_s" in r else "–"
-        print(f"| {name} | {r.get('parameters', 0) / 1e6:.0f}M | {r.get('format', '?')} | {first} | "
+        params = f"{r['parameters'] / 1e6:.0f}M" if "parameters" in r else "–"
+        fmt = r.get("format") or u.get("format", "–")
+        print(f"| {name} | {params} | {fmt} | {first} | "
               f"{r['cached_load_s']:.1f} | {r.get('step_s_median', float('nan')):.2f} | "
               f"{u.get('rank_ndcg10', float('nan')):.4f} ({u.get('users', 0)} users) | "
               f"{u.get('retriever_rank_ndcg10', float('nan')):.4f} |")

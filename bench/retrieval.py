@@ -61,6 +61,21 @@ def table(reports: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown(entries: list[dict]) -> str:
+    """The docs/README table from results/retrieval.json entries (mean ± std over seeds)."""
+    cols = ["Recall@5", "NDCG@5", "Recall@10", "NDCG@10", "Recall@20", "NDCG@20"]
+    short = lambda c: c.replace("Recall", "R").replace("NDCG", "N")  # noqa: E731
+    lines = ["| dataset | model | seeds | " + " | ".join(short(c) for c in cols) + " | best epoch |",
+             "|---|---|---:|" + "---:|" * (len(cols) + 1)]
+    for e in entries:
+        cell = (lambda c: f"{e['mean'][c]:.4f} ± {e['std'][c]:.4f}") if len(e["seeds"]) > 1 \
+            else (lambda c: f"{e['mean'][c]:.4f}")
+        epochs = ", ".join(str(r["best_epoch"]) for r in e["runs"])
+        lines.append(f"| {e['dataset']} | {e['model']} | {len(e['seeds'])} | "
+                     + " | ".join(cell(c) for c in cols) + f" | {epochs} |")
+    return "\n".join(lines)
+
+
 def seed_config(dataset: str, model: str, seed: int, threads: int = 0) -> RetrievalConfig:
     """The default settings of train.retrieve for one seed (seed 42 untagged)."""
     return replace(RetrievalConfig(), dataset=dataset, model=model, seed=seed, threads=threads,
@@ -125,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     merged.sort(key=lambda e: (e["dataset"], e["model"]))
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda p: p.write_text(json.dumps(merged, indent=1) + "\n"))
-    print(f"→ {out}")
+    print(f"→ {out}\n\n" + markdown(merged))
     return 0
 
 

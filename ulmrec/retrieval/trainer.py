@@ -66,7 +66,7 @@ class RetrievalConfig:
     pool_batches: int = field(default=32, metadata={
         "help": "batches whose windows are sorted by length together (1 = plain random batches)"})
     max_grad_norm: float = field(default=5.0, metadata={"help": "gradient clipping norm"})
-    max_epochs: int = field(default=30, metadata={"help": "upper bound on training epochs"})
+    max_epochs: int = field(default=50, metadata={"help": "upper bound on training epochs"})
     patience: int = field(default=10, metadata={"help": "epochs without validation gain before stopping"})
     best_metric: str = field(default="Recall@20", metadata={
         "help": "validation metric for model selection (Recall@20 = the ranker's ceiling)"})

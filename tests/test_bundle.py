@@ -72,6 +72,9 @@ def test_loaded_bundle_scores_like_the_run(trained, name):
     assert first["prob"].sum() == pytest.approx(1.0, abs=1e-4)
     assert first["is_target"].sum() == 1           # random candidates always hold the target
     assert sorted(first["llm_rank"]) == list(range(1, 21))
+    # the retriever prior fitted on validation users travels in the bundle and ranks too
+    assert bundle.fusion["lambda"] >= 0 and bundle.fusion["val_users"] == 6
+    assert sorted(first["fused_rank"]) == list(range(1, 21))
 
 
 def test_bundle_files_and_card(trained):

@@ -13,4 +13,4 @@ def train_and_evaluate(args: list[str], results_dir, run: str = "t") -> None:
                                  "--batch-size", "2", "--eval-users", "4", "--lora-dropout", "0",
                                  "--learning-rate", "0.01", "--warmup-steps", "0"]) == 0
     assert evaluate.main(args + ["--runs", run, "--baselines", "retriever", "--max-users", "12",
-                                 "--results-dir", str(results_dir)]) == 0
+                                 "--fusion-val-users", "6", "--results-dir", str(results_dir)]) == 0

@@ -196,6 +196,9 @@ def export(cfg: ExportConfig) -> Path:
         _index_table(ds, run_cfg).to_parquet(tmp / "user_index.parquet", index=False)
         _candidates(ds, run_cfg).to_parquet(tmp / "candidates.parquet", index=False)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
+        fusion = src.parent / "fusion.json"     # λ of the retriever prior, fitted on validation users
+        if fusion.exists():
+            shutil.copy2(fusion, tmp / "fusion.json")
         if cfg.config_file:
             shutil.copy2(cfg.config_file, tmp / "config.yaml")
         else:

@@ -11,6 +11,7 @@ A bundle is one folder (or a Hub model repo with the same files):
     ulmrec_config.json          the ranker/task configuration the adapter was trained with
     user_index.parquet          reviewerID → index string (+ codes a,b,c,d where it has them)
     candidates.parquet          reviewerID, split, retrieved asins in retriever order, scores
+    fusion.json                 (optional) the retriever-prior weight λ fitted on validation users
     metrics.json                the evaluation payload (Rank/Overall per system)
     config.yaml                 the pipeline configuration that made it
     README.md                   Hub model card
@@ -30,8 +31,10 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from .fusion import fuse
 from .paths import sha256_file
 from .prompts import LETTERS
 from .ranker import RankerConfig
@@ -306,9 +309,18 @@ class Bundle:
             out.append(next_item_example(inp, u, inp.train[u], c, None, cfg))
         return out, cfg
 
+    @property
+    def fusion(self) -> dict | None:
+        """The retriever-prior weight fitted on validation users ({"lambda", ...}), if exported."""
+        if not hasattr(self, "_fusion"):
+            path = self.root / "fusion.json"
+            self._fusion = json.loads(path.read_text()) if path.exists() else None
+        return self._fusion
+
     def rank(self, users: list[int], split: str = "test", no_history: bool = False,
              batch_size: int = 8) -> list[pd.DataFrame]:
-        """Per user: letter, item, title, prob, llm_rank, retriever_rank, is_target."""
+        """Per user: letter, item, title, prob, llm_rank, retriever_rank, is_target, and with a
+        fitted retriever prior (fusion.json) fused_score and fused_rank (ulmrec.fusion)."""
         from .model import score_examples
         model, tok = self.model()
         examples, cfg = self.examples(users, split, no_history)
@@ -316,6 +328,8 @@ class Bundle:
                                        batch_size, cfg.num_candidates, progress=False)
         titles = self.titles()
         targets = self.users.set_index("user")["target"]
+        fusion = self.fusion
+        cands = self.candidates[self.candidates["split"] == split].set_index("user")
         out = []
         for ex, s, p in zip(examples, scores.numpy(), probs.numpy()):
             frame = pd.DataFrame({"letter": list(LETTERS[: len(ex.candidates)]),
@@ -325,6 +339,10 @@ class Bundle:
                                   "prob": p[: len(ex.candidates)],
                                   "retriever_rank": range(1, len(ex.candidates) + 1)})
             frame["llm_rank"] = frame["prob"].rank(ascending=False, method="first").astype(int)
+            if fusion is not None:
+                retr = np.asarray(cands.at[ex.user, "scores"], dtype=np.float64)[: len(ex.candidates)]
+                frame["fused_score"] = fuse(frame["prob"].to_numpy()[None], retr[None], fusion["lambda"])[0]
+                frame["fused_rank"] = frame["fused_score"].rank(ascending=False, method="first").astype(int)
             frame["is_target"] = frame["item"] == int(targets[ex.user])
             out.append(frame)
         return out

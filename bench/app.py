@@ -6,7 +6,9 @@ Launches `python app.py` as a child process and measures:
   server_ready_s  launch → the page answers HTTP 200 (bundle + model loaded before serving)
   first_chart_s   launch → headless chromium shows the first user's ranking chart
                   (skipped when /usr/bin/chromium is absent)
-  rank p50/p90    one user per request (batch 1) through the queue, after 2 warm-up requests
+  rank p50/p90    one user per request, one at a time, through the queue, after 2 warm-up requests
+  burst p50/p95   --burst requests (default 20) sent at once, each timed from its submit to its
+                  answer: they share forward passes (ulmrec.app.ranking.RankBatcher)
   ladder          the 4-rung decode (<a> … full index) for one user, one request
   catalogue       LC-Rec's trie-constrained beam search (beam 20, top-10) for one user, when
                   the bundle carries the LC-Rec part (the first call, which loads it, untimed)
@@ -75,12 +77,15 @@ def main(argv=None) -> int:
     ap.add_argument("--ladders", type=int, default=3, help="timed ladder requests")
     ap.add_argument("--catalogues", type=int, default=3,
                     help="timed whole-catalogue (LC-Rec) requests, when the bundle has that part")
+    ap.add_argument("--burst", type=int, default=20,
+                    help="concurrent /rank requests sent at once (0: skip)")
     ap.add_argument("--concurrency", type=int, default=1, help="passed to app.py")
     ap.add_argument("--bf16", action="store_true", help="passed to app.py (CPU bfloat16)")
     args = ap.parse_args(argv)
 
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
+    load_before = os.getloadavg()[0]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "GRADIO_ANALYTICS_ENABLED": "False"}
     t0 = time.perf_counter()
@@ -105,6 +110,19 @@ def main(argv=None) -> int:
             status, *_ = client.predict(u, False, api_name="/rank")
             rank_s.append(time.perf_counter() - t)
             assert status == "", status
+        burst_s = []
+        if args.burst:
+            from concurrent.futures import ThreadPoolExecutor
+            burst_users = [int(u) for u in
+                           bundle.candidates.query("split == 'test'")["user"].iloc[-args.burst:]]
+
+            def one(u):
+                t = time.perf_counter()
+                status, *_ = client.predict(u, False, api_name="/rank")
+                assert status == "", status
+                return time.perf_counter() - t
+            with ThreadPoolExecutor(max_workers=len(burst_users)) as pool:
+                burst_s = list(pool.map(one, burst_users))
         ladder_s = []
         for u in users[: args.ladders]:
             t = time.perf_counter()
@@ -130,19 +148,25 @@ def main(argv=None) -> int:
               "first_chart_s": round(chart - t0, 2) if chart else None,
               "rank_p50_s": round(float(np.percentile(rank_s, 50)), 3),
               "rank_p90_s": round(float(np.percentile(rank_s, 90)), 3), "rank_n": len(rank_s),
+              "burst_n": len(burst_s),
+              "burst_p50_s": round(float(np.percentile(burst_s, 50)), 2) if burst_s else None,
+              "burst_p95_s": round(float(np.percentile(burst_s, 95)), 2) if burst_s else None,
               "ladder_mean_s": round(float(np.mean(ladder_s)), 2), "ladder_n": len(ladder_s),
               "catalogue_mean_s": round(float(np.mean(catalogue_s)), 2) if catalogue_s else None,
-              "catalogue_n": len(catalogue_s)}
+              "catalogue_n": len(catalogue_s),
+              "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     print(json.dumps(result))
-    print("| bundle | dtype | server ready | first chart | rank p50 | rank p90 | ladder (4 rungs) "
-          "| whole catalogue (LC-Rec top-10) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| bundle | dtype | server ready | first chart | rank p50 | rank p90 "
+          f"| {len(burst_s)} at once p50 | p95 | ladder (4 rungs) | whole catalogue (LC-Rec top-10) "
+          "| load avg (before, after) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     cat = f"{result['catalogue_mean_s']:.1f} s" if catalogue_s else "—"
     fc = f"{result['first_chart_s']:.1f} s" if chart else "—"
     dtype = "bf16" if args.bf16 else "fp32"
     print(f"| {Path(args.bundle).name} | {dtype} | {result['server_ready_s']:.1f} s | {fc} | "
           f"{result['rank_p50_s']:.2f} s | {result['rank_p90_s']:.2f} s | "
-          f"{result['ladder_mean_s']:.1f} s | {cat} |")
+          f"{result['burst_p50_s'] or '—'} s | {result['burst_p95_s'] or '—'} s | "
+          f"{result['ladder_mean_s']:.1f} s | {cat} | {load_before:.1f}, {os.getloadavg()[0]:.1f} |")
     return 0
 
 

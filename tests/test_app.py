@@ -369,6 +369,8 @@ def test_batcher_shares_one_forward_pass_and_matches_single_requests(data):
     assert_frame = pd.testing.assert_frame_equal
     assert_frame(b.rank(users[0]), alone[users[0]], atol=1e-4, check_exact=False)
     assert b.batches == [1]                          # a lone request runs at once, alone
+    assert_frame(b.rank(users[0]), alone[users[0]], atol=1e-4, check_exact=False)
+    assert b.batches == [1]                          # asked again: from the cache
     gate, calls, real = threading.Event(), [], data.bundle.rank
 
     class Slow:                                      # holds the first batch until all have queued
@@ -377,7 +379,7 @@ def test_batcher_shares_one_forward_pass_and_matches_single_requests(data):
             if len(calls) == 1:
                 gate.wait(10)
             return real(us, **kw)
-    b = RankBatcher(Slow())
+    b = RankBatcher(Slow(), max_batch=6)
     out = {}
     threads = [threading.Thread(target=lambda u=u, f=f: out.__setitem__((u, f), b.rank(u, f)))
                for u in users for f in (False, True)]

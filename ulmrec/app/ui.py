@@ -172,11 +172,10 @@ def on_decode(data: AppData, text):
 
 
 def on_catalogue(data: AppData, value):
-    """LC-Rec's whole-catalogue top-10: summary, table (shown from the first answer on)."""
+    """LC-Rec's whole-catalogue top-10: summary, table."""
     try:
         user = logic.resolve_user(data, value)
-        summary, table = catalogue.catalogue_view(data, user)
-        return "", summary, gr.update(value=table, visible=True)
+        return ("",) + catalogue.catalogue_view(data, user)
     except AppError as e:
         return _warn(str(e), 3)
 
@@ -315,7 +314,7 @@ def build_demo(data: AppData) -> gr.Blocks:
         # Ranking requests have their own group, wide enough that requests arriving together
         # reach ranking.RankBatcher together and share one forward pass.
         model = {"concurrency_id": "model"}
-        rank_group = {"concurrency_id": "rank", "concurrency_limit": ranking.MAX_BATCH}
+        rank_group = {"concurrency_id": "rank", "concurrency_limit": ranking.RANK_SLOTS}
         rank_in, rank_out = [user, no_hist], [status, chart, table, metrics, history]
         user_out = [status, summary, prefixes, near, history, pref, prefix_box]
         user.change(partial(on_user, data), user, user_out, **hidden) \
@@ -327,8 +326,10 @@ def build_demo(data: AppData) -> gr.Blocks:
                          **model)
         prefix_box.submit(partial(on_decode, data), prefix_box, [status, decoded], **model, **hidden)
         if data.bundle.has_lcrec:
+            # the table appears with its first answer (empty, it would show a '1 2 3' header)
             cat_btn.click(partial(on_catalogue, data), user, [status, cat_summary, cat_table],
-                          api_name="catalogue", **model)
+                          api_name="catalogue", **model) \
+                .success(lambda: gr.update(visible=True), None, cat_table, **hidden)
         demo.load(partial(on_user, data), user, user_out, **hidden) \
             .then(partial(on_rank, data), rank_in, rank_out, **rank_group, **hidden)
     return demo

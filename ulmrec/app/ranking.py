@@ -23,6 +23,7 @@ KS = (5, 10)
 # ~1.4x less than 20 single passes, not 20x less, so batches stay small and the first
 # answers of a burst come back early; the queue lets this many requests wait for a batch.
 MAX_BATCH = 5
+GPU_BATCH = 20         # on a GPU a batch of 20 costs about one forward pass
 RANK_SLOTS = 32
 CACHE = 512            # (user, with/without history) rankings kept: the model is deterministic
 ULMREC, ULMREC_UID, RETRIEVER = "ULMRec", "ULMRec, index only (no history)", "retriever (its own order)"
@@ -87,9 +88,12 @@ class RankBatcher:
 
 
 def batcher(data: AppData) -> RankBatcher:
+    """The AppData's batcher, made on first use (after warm(): the model's device is known)."""
+    model = data.bundle.model()[0]
     with data.lock:
         if data.rank_batcher is None:
-            data.rank_batcher = RankBatcher(data.bundle)
+            gpu = next(model.parameters()).device.type != "cpu"
+            data.rank_batcher = RankBatcher(data.bundle, GPU_BATCH if gpu else MAX_BATCH)
         return data.rank_batcher
 
 

@@ -129,6 +129,8 @@ def test_decode_ladder(page, served):
     index = data.bundle.users.set_index("user").at[
         int(page.input_value("#user input").rsplit("#", 1)[1]), "index"]
     assert index in rows
+    if "what these users share" in rows:            # the data profile beside each rung
+        assert "top items" in rows
     page.fill("#prefix-box textarea", index[: index.index(">") + 1])
     page.click("#decode-btn")
     page.wait_for_function("() => document.querySelector('#decoded textarea').value.length > 0")
@@ -200,6 +202,10 @@ def test_whole_catalogue_tab(page, served):
     for title, index in zip(top["title"][:3], top["index"][:3]):
         _wait_text(page, "#catalogue-table", index)
         _wait_text(page, "#catalogue-table", str(title)[:20])
+    assert page.locator("#catalogue-table").is_visible()
+    page.wait_for_function("() => !document.querySelector('#catalogue-table .pending, "
+                           "#catalogue-table.pending')")
+    page.wait_for_timeout(500)
     shot(page, "4-whole-catalogue")
     assert page.outside == []
 

@@ -23,11 +23,11 @@ CSS = """
 .ulm-l3 {background:#e45756}
 .ulm-caption, .ulm-caption p {font-size:.85rem; opacity:.8; margin:0}
 #status {display:none}
+.ulm-table th .header-content span {white-space: nowrap; word-break: keep-all}
 /* phones: tables keep readable columns and scroll sideways instead of one letter per line */
 @media (max-width: 700px) {
   .ulm-table table {min-width: 640px}
   .ulm-table .table-wrap, .ulm-table .table-container {overflow-x: auto}
-  .ulm-table th .header-content span {white-space: nowrap; word-break: keep-all}
 }
 """
 

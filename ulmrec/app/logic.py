@@ -161,10 +161,11 @@ def resolve_user(data: AppData, value) -> int:
 def user_summary(data: AppData, user: int) -> str:
     row = data.users.loc[user]
     target = int(data.bundle.users.set_index("user").at[user, "target"])
-    got = ("in the 20 candidates" if row["retrieved"] else
+    got = ("among the retriever's 20 candidates" if row["retrieved"] else
            "**not** among the 20 candidates: the LLM cannot rank it (Overall counts 0)")
-    return (f"**{row['reviewerID']}** (dense id {user}) · {row['history_len']} past items · "
-            f"test target: *{data.titles.get(target, target)}*, {got}")
+    return (f"**{row['reviewerID']}** (id {user}) · {row['history_len']} past items · "
+            f"next item (held out, what the models should find): "
+            f"*{data.titles.get(target, target)}*, {got}")
 
 
 def history_markdown(data: AppData, user: int, shown: int = 30) -> str:

@@ -308,6 +308,8 @@ def test_overview_says_who_and_prints_no_machine_path(data):
         "demo": "ULMRec", "demo+uid": "ULMRec, index only (no history)", "llamarec": "LlamaRec"}
     labels = overview.system_labels(["demo", "ulmrec-long"], "demo")     # two of a kind stay apart
     assert labels == {"demo": "ULMRec", "ulmrec-long": "ULMRec [ulmrec-long]"}
+    assert overview.system_labels(["g", "g + retriever prior"], "g") == {
+        "g": "ULMRec", "g + retriever prior": "ULMRec + retriever prior"}
     cap = overview.results_caption({"test_users": 200, "command":
                                     "python -m train.evaluate --config /home/someone/x/runs/g/pipeline/evaluate.yaml"})
     assert "/home" not in cap and "--config runs/g/pipeline/evaluate.yaml" in cap

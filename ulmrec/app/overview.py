@@ -28,7 +28,9 @@ next). A model's list puts it at some *rank* (1 = first).
 - **ULMRec**: the LLM ranker with the user index and six training tasks; **ULMRec, index
   only**: the same model without the user's history (the paper's ULMRec-uid); **LlamaRec**:
   the LLM trained on the next-item task alone, without an index; **retriever**: the
-  candidates in the retriever's own order; **untuned LLM**: the backbone before training.
+  candidates in the retriever's own order; **untuned LLM**: the backbone before training;
+  **+ retriever prior**: the LLM's scores blended with the retriever's order, the weight
+  fitted on validation users.
 - **Letters**: the 20 candidates are labelled A–T in the prompt; the LLM's probability of
   answering each letter is that candidate's score.
 - **User index**: four codes `<a_…><b_…><c_…><d_…>` learned from a user's reviews; users
@@ -58,6 +60,9 @@ def dataset_markdown(data: AppData) -> str:
 def system_label(name: str, bundle_run: str | None = None) -> str:
     """A results key as a reader names it: run names ('demo', 'demo+uid') become ULMRec /
     LlamaRec, the baselines say what they are."""
+    prior = " + retriever prior"             # train.evaluate's fused row for a run
+    if name.endswith(prior):
+        return system_label(name[: -len(prior)], bundle_run) + prior
     base, uid = (name[:-4], True) if name.endswith("+uid") else (name, False)
     low = base.lower()
     if low.startswith("retriever"):
@@ -73,8 +78,8 @@ def system_labels(names, bundle_run: str | None = None) -> dict[str, str]:
     """system_label for each name; two runs that would read the same keep their run name."""
     labels = {n: system_label(n, bundle_run) for n in names}
     seen = list(labels.values())
-    return {n: (lb if seen.count(lb) == 1 or n.removesuffix("+uid") == bundle_run
-                else f"{lb} [{n}]") for n, lb in labels.items()}
+    own = lambda n: n.removesuffix(" + retriever prior").removesuffix("+uid") == bundle_run  # noqa: E731
+    return {n: (lb if seen.count(lb) == 1 or own(n) else f"{lb} [{n}]") for n, lb in labels.items()}
 
 
 def results_table(metrics: dict, bundle_run: str | None = None) -> pd.DataFrame:

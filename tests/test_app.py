@@ -237,6 +237,10 @@ def test_rank_view_chart_table_and_metrics(data):
     assert llm["Recall@10"] == (1.0 if r <= 10 else 0.0)
     retr = metrics.set_index("system").loc["retriever (its own order)"]
     assert retr["target rank"] == int(frame.loc[frame["is_target"], "retriever_rank"].item())
+    # the bundle's retriever prior (λ fitted on validation users): its own rank column and row
+    assert sorted(table["LLM + prior rank"]) == list(range(1, 21))
+    fused = metrics.set_index("system").loc["ULMRec + retriever prior"]
+    assert fused["target rank"] == int(frame.loc[frame["is_target"], "fused_rank"].item())
 
 
 def test_rank_without_history_changes_the_prompt(data):

@@ -27,6 +27,7 @@ GPU_BATCH = 20         # on a GPU a batch of 20 costs about one forward pass
 RANK_SLOTS = 32
 CACHE = 512            # (user, with/without history) rankings kept: the model is deterministic
 ULMREC, ULMREC_UID, RETRIEVER = "ULMRec", "ULMRec, index only (no history)", "retriever (its own order)"
+FUSED = "ULMRec + retriever prior"     # the LLM's log-probability + λ × the retriever's, λ from validation
 
 
 class RankBatcher:
@@ -153,10 +154,12 @@ def prob_chart(frame: pd.DataFrame, title: str = "") -> go.Figure:
 def rank_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Candidates by LLM rank, the retriever's rank beside it."""
     t = frame.sort_values("llm_rank")
-    return pd.DataFrame({"LLM rank": t["llm_rank"], "retriever rank": t["retriever_rank"],
-                         "letter": t["letter"], "title": t["title"],
-                         "probability": t["prob"].astype(float).round(4),
-                         "target": np.where(t["is_target"], "✓", "")})
+    out = pd.DataFrame({"LLM rank": t["llm_rank"], "retriever rank": t["retriever_rank"]})
+    if "fused_rank" in t:
+        out["LLM + prior rank"] = t["fused_rank"]
+    return out.assign(letter=t["letter"], title=t["title"],
+                      probability=t["prob"].astype(float).round(4),
+                      target=np.where(t["is_target"], "✓", ""))
 
 
 def user_metrics(frame: pd.DataFrame, no_history: bool = False) -> pd.DataFrame:
@@ -166,8 +169,11 @@ def user_metrics(frame: pd.DataFrame, no_history: bool = False) -> pd.DataFrame:
     pos = int(hit[0]) if len(hit) else -1
     llm = target_ranks(frame["prob"].to_numpy()[None, :], [pos])
     retr = np.array([pos + 1.0 if pos >= 0 else np.inf])
+    systems = [(ULMREC_UID if no_history else ULMREC, llm), (RETRIEVER, retr)]
+    if "fused_score" in frame and not no_history:     # λ was fitted with the history shown
+        systems.insert(1, (FUSED, target_ranks(frame["fused_score"].to_numpy()[None, :], [pos])))
     rows = []
-    for system, ranks in ((ULMREC_UID if no_history else ULMREC, llm), (RETRIEVER, retr)):
+    for system, ranks in systems:
         m = metrics_from_ranks(ranks, KS)
         rows.append({"system": system, "target rank": "—" if np.isinf(ranks[0]) else int(ranks[0]),
                      **{f"{name}@{k}": round(m[f"{name}@{k}"], 4)

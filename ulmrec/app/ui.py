@@ -47,11 +47,13 @@ CAPTIONS = {
              "longer the bar, the likelier the LLM picks it. Orange: the item the user really "
              "bought next. Hover a bar for its full title and both ranks.",
     "metrics": "How to read it: where the real next item landed (target rank, 1 = first) and "
-               "the scores that follow from it, for ULMRec and for the retriever's own order; "
+               "the scores that follow from it, for ULMRec, for ULMRec + retriever prior (where "
+               "the demo has one) and for the retriever's own order; "
                "higher is better (lower for the rank), the better value in bold. See *What the "
                "numbers mean*.",
     "table": "How to read it: the 20 candidates, the LLM's favourite first; 'retriever rank' is "
-             "where the retriever had put it; ✓ marks the item the user really bought next.",
+             "where the retriever had put it, 'LLM + prior rank' the blend of both; ✓ marks the "
+             "item the user really bought next.",
     "history": "How to read it: the user's past items, most recent first; ▸ marks the ones "
                "the LLM sees in its prompt.",
     "prefixes": "How to read it: row a is the user's first code, row d the whole index; "

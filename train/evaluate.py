@@ -16,6 +16,7 @@ preferences or user index); the table repeats both under it.
 from __future__ import annotations
 
 import json
+import os
 import logging
 import sys
 import time
@@ -31,7 +32,7 @@ from ulmrec.data.release import RELEASE_INDEX_NOTE
 from ulmrec.fusion import fit_lambda, fuse
 from ulmrec.metrics import rank_and_overall, sample_eval_users, target_ranks
 from ulmrec.model import score_examples
-from ulmrec.paths import atomic_write, repo_path
+from ulmrec.paths import REPO_ROOT, atomic_write, repo_path
 from ulmrec.ranker import (RankerConfig, load_base, load_candidates, load_ranker,
                            load_task_inputs, runs_root)
 from ulmrec.tasks import TaskConfig, eval_examples
@@ -203,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     stem = results_stem(cfg.results_dir, cfg.dataset)
     stem.parent.mkdir(parents=True, exist_ok=True)
     payload = {"dataset": ds.name, "test_users": len(users), "retriever": cfg.retriever,
-               "command": "python -m train.evaluate " + " ".join(argv if argv is not None else sys.argv[1:]),
+               # paths relative to the repo root: results are committed, machine paths are not
+               "command": "python -m train.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
+                          .replace(str(REPO_ROOT) + os.sep, ""),
                "results": results}
     atomic_write(stem.with_suffix(".json"), lambda p: p.write_text(json.dumps(payload, indent=1, default=str)))
     table = results_table(payload)

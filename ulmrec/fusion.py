@@ -12,7 +12,9 @@ import numpy as np
 
 from .metrics import ndcg_per_user, target_ranks
 
-LAMBDAS = tuple(np.round(np.concatenate([np.arange(0, 1, 0.1), np.arange(1, 5.01, 0.25)]), 3))
+# fine near 0 (the LLM leads), coarse far out (the retriever leads, the LLM breaks its ties)
+LAMBDAS = tuple(np.round(np.concatenate([np.arange(0, 1, 0.1), np.arange(1, 5, 0.25),
+                                         [5, 6, 8, 10, 15, 20, 30, 50]]), 3))
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

@@ -26,11 +26,16 @@ from ulmrec.metrics import ndcg_per_user, target_ranks  # noqa: E402
 from ulmrec.paths import atomic_write, runs_root  # noqa: E402
 
 
-def per_user(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """(LLM NDCG@10, retriever-order NDCG@10) per user of one run's predictions."""
+def _targets_and_probs(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(target position in each list or -1 [U], letter probabilities [U, K]) of a predictions frame."""
     pos = np.array([list(c).index(t) if t in list(c) else -1
                     for c, t in zip(frame["candidates"], frame["target"])])
-    probs = np.stack(frame["probs"].map(np.asarray).to_list())
+    return pos, np.stack(frame["probs"].map(np.asarray).to_list())
+
+
+def per_user(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(LLM NDCG@10, retriever-order NDCG@10) per user of one run's predictions."""
+    pos, probs = _targets_and_probs(frame)
     llm = ndcg_per_user(target_ranks(probs, pos), 10)
     retr = ndcg_per_user(np.where(pos >= 0, pos + 1.0, np.inf), 10)
     return llm, retr
@@ -39,8 +44,7 @@ def per_user(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 def fused_per_user(frame: pd.DataFrame, lam: float) -> np.ndarray:
     """NDCG@10 per user of the run's letter probabilities fused with the retriever prior."""
     from ulmrec.fusion import fuse
-    pos = np.array([list(c).index(t) for c, t in zip(frame["candidates"], frame["target"])])
-    probs = np.stack(frame["probs"].map(np.asarray).to_list())
+    pos, probs = _targets_and_probs(frame)
     retr = np.stack(frame["retriever_scores"].map(np.asarray).to_list())
     return ndcg_per_user(target_ranks(fuse(probs, retr, lam), pos), 10)
 

@@ -24,7 +24,7 @@ from ulmrec.paths import REPO_ROOT, atomic_write, runs_root
 from ulmrec.retrieval.data import eval_histories
 from ulmrec.retrieval.ensemble import load_ensemble
 from ulmrec.retrieval.evaluate import full_rank
-from ulmrec.retrieval.trainer import load_retriever, rank_splits, run_dir
+from ulmrec.retrieval.trainer import rank_splits, run_dir
 
 
 def main(argv=None) -> int:
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         return 2
     ds = load_dataset(args.dataset)
     ens, _ = load_ensemble(folders)
-    single, _ = load_retriever(folders[0])
+    single = ens.members[0]                  # the first seed alone, already loaded
     cfg = configs[0]
     users, hist, targets = eval_histories(ds, "test")
     per = {}

@@ -29,6 +29,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -309,13 +310,11 @@ class Bundle:
             out.append(next_item_example(inp, u, inp.train[u], c, None, cfg))
         return out, cfg
 
-    @property
+    @cached_property
     def fusion(self) -> dict | None:
         """The retriever-prior weight fitted on validation users ({"lambda", ...}), if exported."""
-        if not hasattr(self, "_fusion"):
-            path = self.root / "fusion.json"
-            self._fusion = json.loads(path.read_text()) if path.exists() else None
-        return self._fusion
+        path = self.root / "fusion.json"
+        return json.loads(path.read_text()) if path.exists() else None
 
     def rank(self, users: list[int], split: str = "test", no_history: bool = False,
              batch_size: int = 8) -> list[pd.DataFrame]:

@@ -1,5 +1,6 @@
 """Export → load round trip on a tiny random Llama over the real gift-cards data."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -227,3 +228,46 @@ def test_hub_base_id_never_a_path(tmp_path):
     (local / "config.json").write_text(json.dumps({"_name_or_path": str(local)}))
     assert hub_base_id({"id": str(local)}) is None
     assert hub_base_id({"id": "tiny-random-llama"}) is None
+
+
+def test_decode_adapter_travels_in_the_bundle_and_writes_the_ladder(trained):
+    """--decode carries a second (index → preference) adapter as decode/, and decode() uses it
+    with its own prompt format; a run on another user index is refused."""
+    from ulmrec.decode import DecodeSettings, decode_indices
+    args = ARGS + ["--run-name", "dec", "--tasks", "index_to_pref", "--task-ratio", "1",
+                   "--prompt-format", "alpaca", "--lora-targets", "q_proj", "k_proj", "v_proj", "o_proj",
+                   "--max-steps", "2", "--eval-every", "2", "--batch-size", "2", "--eval-users", "4",
+                   "--warmup-steps", "0"]
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ULMREC_RUNS", str(trained / "runs"))
+    try:
+        assert finetune.main(args) == 0
+        common = ["--dataset", "gift-cards", "--run-name", "t", "--results-dir", str(trained / "results")]
+        assert export.main(common + ["--out", str(trained / "dec"), "--decode", "dec"]) == 0
+        bundle = load_bundle(trained / "dec")
+        assert bundle.manifest["decode"]["prompt_format"] == "alpaca"
+        assert (trained / "dec" / "decode" / "adapter_model.safetensors").is_file()
+        model, tok, fmt = bundle.decoder()
+        assert fmt == "alpaca" and model is not bundle.model()[0]
+        index, other_index = "<a_3><b_7><c_1><d_0>", "<a_3>"   # any index-token string or prefix
+        settings = DecodeSettings(max_new_tokens=8)
+        run = trained / "runs" / "gift-cards" / "finetune" / "dec" / "last"
+        cfg = finetune.FinetuneConfig(**{**CFG.__dict__, "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj"]})
+        ref_model, ref_tok = load_ranker(run, cfg)
+        want = decode_indices(ref_model, ref_tok, [index, other_index], "alpaca", settings)
+        assert bundle.decode_many([index, other_index], settings=settings) == want
+        # the plain bundle keeps decoding with its ranker
+        lean = load_bundle(trained / "lean")
+        assert not lean.has_decoder and lean.decoder()[0] is lean.model()[0]
+        verify_bundle(trained / "dec")
+        (trained / "dec" / "decode" / "ulmrec_config.json").unlink()
+        with pytest.raises(BundleError, match="decode/ulmrec_config.json"):
+            verify_bundle(trained / "dec", check_hashes=False)
+        other = run.parent.parent / "dec-other" / "last"
+        shutil.copytree(run, other)
+        cfg_file = other / "ulmrec_config.json"
+        cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "index_kind": "pid"}))
+        with pytest.raises(ValueError, match="one bundle shows one index"):
+            export.main(common + ["--out", str(trained / "dec2"), "--decode", "dec-other"])
+    finally:
+        mp.undo()

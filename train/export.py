@@ -24,7 +24,7 @@ import yaml
 
 from train.evaluate import results_stem
 from ulmrec import __version__
-from ulmrec.bundle import FORMAT, LCREC_DIR, MANIFEST, ServeConfig, dataset_tables, sha256_file, verify_bundle
+from ulmrec.bundle import DECODE_DIR, FORMAT, LCREC_DIR, MANIFEST, ServeConfig, dataset_tables, sha256_file, verify_bundle
 from ulmrec.config import from_dict, parse_config
 from ulmrec.data import load_dataset
 from ulmrec.hubcard import clean_for_hub, hub_base_id, scrub
@@ -66,6 +66,11 @@ class ExportConfig:
     lcrec: str = field(default="", metadata={
         "help": "LC-Rec run to carry as lcrec/ (runs/<dataset>/lcrec[/<tag>], made by train.lcrec): "
                 "the app's whole-catalogue mode"})
+    decode: str = field(default="", metadata={
+        "help": "fine-tuning run (runs/<dataset>/finetune/<decode>) whose adapter writes the "
+                "decode panel's text, carried as decode/ (e.g. configs/decode-games.yaml's run)"})
+    decode_adapter: str = field(default="last", metadata={
+        "help": "best | last of the decode run (its validation metric is next-item, not decoding)"})
 
 
 def bundle_dir(cfg: ExportConfig, ds_name: str) -> Path:
@@ -156,11 +161,27 @@ def _lcrec_part(folder: str, ds) -> tuple[Path, dict, pd.DataFrame, dict]:
     return adapter, config, table, json.loads(metrics_file.read_text())
 
 
+def _decode_part(cfg: ExportConfig, ds, run_cfg) -> tuple[Path, dict]:
+    """(adapter dir, its config) of an index → preference run that reads the same user index."""
+    src = runs_root() / ds.name / "finetune" / cfg.decode / cfg.decode_adapter
+    if not (src / "ulmrec_config.json").exists():
+        raise FileNotFoundError(f"{src}: no trained adapter (see configs/decode-{ds.name}.yaml)")
+    config = json.loads((src / "ulmrec_config.json").read_text())
+    if config.get("index_kind") != run_cfg.index_kind:
+        raise ValueError(f"{src}: the decode run reads the {config.get('index_kind')!r} user index, the "
+                         f"ranker {run_cfg.index_kind!r}: one bundle shows one index")
+    return src, config
+
+
 def model_card(manifest: dict, metrics: dict, repo_id: str | None, base_id: str | None = None,
                standard_tokenizer: bool = True) -> str:
     """Hub model card (ulmrec.hubcard) + the LC-Rec part and the data note of this bundle."""
     card = hub_model_card(manifest, metrics, repo_id, base_id, standard_tokenizer)
     tail = _lcrec_card(manifest.get("lcrec"))
+    if manifest.get("decode"):
+        tail += (f"\n## Decoding a user index\n\n`{DECODE_DIR}/` holds a second adapter trained to write a "
+                 f"user's preferences from their index or any prefix of it "
+                 f"({manifest['decode']['prompt_format']} prompts): `bundle.decode('<a_1><b_2>')`.\n")
     if not manifest["includes_data"]:
         tail += "\nThis bundle carries no data: it is joined at load time with the dataset under ULMREC_DATA.\n"
     return card.rstrip("\n") + "\n\n" + tail if tail else card
@@ -186,6 +207,7 @@ def export(cfg: ExportConfig) -> Path:
     run_cfg = from_dict(ServeConfig, run_cfg_dict, known_only=True)
     metrics = _metrics(cfg, ds.name)
     lcrec = _lcrec_part(cfg.lcrec, ds) if cfg.lcrec else None
+    decode = _decode_part(cfg, ds, run_cfg) if cfg.decode else None
     out = bundle_dir(cfg, ds.name)
 
     def fill(tmp: Path) -> None:
@@ -233,6 +255,21 @@ def export(cfg: ExportConfig) -> Path:
             manifest["lcrec"] = {"items": len(items), "tokenizer": "shared" if shared else "own",
                                  "split": result["split"], "users": result["users"],
                                  "metrics": result["metrics"], "backbone": backbone_reference(lc_cfg)}
+        if decode:
+            dsrc, dcfg = decode
+            part = tmp / DECODE_DIR
+            part.mkdir()
+            shared = all((dsrc / n).exists() == (src / n).exists() and (
+                not (dsrc / n).exists() or filecmp.cmp(dsrc / n, src / n, shallow=False))
+                for n in TOKENIZER_FILES)
+            for name in ADAPTER_FILES + ("ulmrec_config.json",) + (() if shared else TOKENIZER_FILES):
+                if (dsrc / name).exists():
+                    shutil.copy2(dsrc / name, part / name)
+            manifest["decode"] = {"run": cfg.decode, "adapter": cfg.decode_adapter,
+                                  "tokenizer": "shared" if shared else "own",
+                                  "prompt_format": dcfg.get("prompt_format"),
+                                  "tasks": dcfg.get("tasks"), "max_steps": dcfg.get("max_steps"),
+                                  "backbone": backbone_reference(dcfg)}
         # standard tools read the base from adapter_config.json: its Hub id, never a local path
         base_id = cfg.base_model or hub_base_id(manifest["backbone"], run_cfg_dict)
         if base_id is None:

@@ -19,6 +19,9 @@ A bundle is one folder (or a Hub model repo with the same files):
     lcrec/                      optional (manifest key "lcrec"): an LC-Rec adapter + tokenizer,
                                 lcrec_config.json, item_index.parquet (asin → item index) and
                                 metrics.json: the app's whole-catalogue mode
+    decode/                     optional (manifest key "decode"): an adapter trained for
+                                index → preference text (its own prompt format in
+                                ulmrec_config.json), used by decode(); else the ranker decodes
 
 A bundle without data is joined at load time with the dataset under ULMREC_DATA.
 """
@@ -59,6 +62,10 @@ LCREC_FILES = ("adapter_config.json", "adapter_model.safetensors", "lcrec_config
 # the LC-Rec part keeps its own tokenizer only when it differs from the ranker's
 # (manifest lcrec.tokenizer "own"); the same index vocabulary usually makes them identical
 LCREC_TOKENIZER = ("tokenizer.json", "tokenizer_config.json")
+# a separate index → preference adapter: a ranker tuned for letters is a poor writer, and a
+# writer needs all four attention projections and its own prompt format (docs/decode.md)
+DECODE_DIR = "decode"
+DECODE_FILES = ("adapter_config.json", "adapter_model.safetensors", "ulmrec_config.json")
 
 
 class BundleError(Exception):
@@ -84,6 +91,10 @@ def verify_bundle(folder: str | Path, check_hashes: bool = True) -> dict:
         own = manifest["lcrec"].get("tokenizer", "own") == "own"
         needed += [f"{LCREC_DIR}/{f}" for f in LCREC_FILES]
         needed += [f"{LCREC_DIR}/{f}" for f in (_tokenizer_files(folder / LCREC_DIR) if own else ())]
+    if manifest.get("decode"):
+        own = manifest["decode"].get("tokenizer", "own") == "own"
+        needed += [f"{DECODE_DIR}/{f}" for f in DECODE_FILES]
+        needed += [f"{DECODE_DIR}/{f}" for f in (_tokenizer_files(folder / DECODE_DIR) if own else ())]
     missing = [f for f in needed if not (folder / f).is_file()]
     if missing:
         raise BundleError(f"{folder}: incomplete bundle, missing {', '.join(missing)}")
@@ -194,6 +205,7 @@ class Bundle:
     lcrec_items: pd.DataFrame | None = None   # item, index, a..d (LC-Rec part only)
     _model: object = field(default=None, repr=False)
     _lcrec: tuple | None = field(default=None, repr=False)
+    _decoder: tuple | None = field(default=None, repr=False)
     _tok: object = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _inputs: dict = field(default_factory=dict, repr=False)
@@ -243,6 +255,29 @@ class Bundle:
                                           from_dict(RankerConfig, cfg, known_only=True),
                                           tokenizer_dir=self.root if shared else None)
             return self._lcrec
+
+    @property
+    def has_decoder(self) -> bool:
+        return bool(self.manifest.get("decode"))
+
+    def decoder(self):
+        """(model, tokenizer, prompt format) that decode() uses: the bundle's decode/ adapter
+        when it has one (a second copy of the backbone), else the ranker itself."""
+        if not self.has_decoder:
+            model, tok = self.model()
+            return model, tok, self.ranker_config().prompt_format
+        with self._lock:
+            if self._decoder is None:
+                from .config import from_dict
+                from .ranker import load_ranker
+                part = self.root / DECODE_DIR
+                cfg = json.loads((part / "ulmrec_config.json").read_text())
+                _backbone_source(self.manifest, cfg)
+                shared = self.manifest["decode"].get("tokenizer", "own") == "shared"
+                model, tok = load_ranker(part, from_dict(RankerConfig, cfg, known_only=True),
+                                         tokenizer_dir=self.root if shared else None)
+                self._decoder = (model, tok, cfg.get("prompt_format", "chat"))
+            return self._decoder
 
     def recommend_catalogue(self, user: int, n: int = 10, beams: int = 20) -> pd.DataFrame:
         """LC-Rec's top-n over the whole catalogue for a user's history (before the test target):
@@ -361,8 +396,8 @@ class Bundle:
         for index in indices:
             parse_token_string(index)  # raises ValueError on a malformed prefix
         settings = settings or replace(DecodeSettings(), max_new_tokens=max_new_tokens)
-        model, tok = self.model()
-        return decode_indices(model, tok, indices, self.ranker_config().prompt_format, settings)
+        model, tok, fmt = self.decoder()
+        return decode_indices(model, tok, indices, fmt, settings)
 
 
 def _backbone_source(manifest: dict, config: dict) -> list[str]:

@@ -313,9 +313,25 @@ def test_export_carries_the_lcrec_run_of_the_pipeline(monkeypatch, tmp_path):
     spec = {"dataset": "gift-cards", "lcrec": {"tag": "small", "max_steps": 3}, "export": {}}
     sections = pipeline.build_sections(spec, PipelineConfig(), pipeline.STAGES, None)
     assert sections["export"]["lcrec"] == str(tmp_path / "gift-cards" / "lcrec" / "small")
-    assert [s.name for s in pipeline.STAGES][-2:] == ["lcrec", "export"]
+    assert [s.name for s in pipeline.STAGES][-3:] == ["lcrec", "decode", "export"]
     del spec["lcrec"]                  # no LC-Rec section: a bundle without the part
     assert "lcrec" not in pipeline.build_sections(spec, PipelineConfig(), pipeline.STAGES, None)["export"]
+
+
+def test_decode_section_is_a_second_finetune_run_that_export_carries(monkeypatch, tmp_path):
+    if not (data_root() / SOURCES["gift-cards"][1]).is_dir():
+        pytest.skip("shared data not found")
+    monkeypatch.setenv("ULMREC_RUNS", str(tmp_path))
+    spec = {"dataset": "gift-cards", "finetune": {"run_name": "demo", "max_steps": 80},
+            "decode": {"prompt_format": "alpaca", "max_steps": 360}, "export": {}}
+    sections = pipeline.build_sections(spec, PipelineConfig(), pipeline.STAGES, None)
+    assert sections["decode"]["run_name"] == "decode" and sections["decode"]["max_steps"] == 360
+    assert sections["export"]["decode"] == "decode" and sections["export"]["run_name"] == "demo"
+    spec["decode"]["run_name"] = "demo"    # would overwrite the ranker's run
+    with pytest.raises(PipelineError, match="its own"):
+        pipeline.build_sections(spec, PipelineConfig(), pipeline.STAGES, None)
+    del spec["decode"]
+    assert "decode" not in pipeline.build_sections(spec, PipelineConfig(), pipeline.STAGES, None)["export"]
 
 
 def test_run_help_names_the_command_and_the_from_flag(capsys):

@@ -6,8 +6,10 @@
     python -m train run --config configs/demo.yaml --only evaluate   # this stage alone, forced
 
 Stages, in order: data → retrieve → index → preferences → finetune → evaluate → lcrec →
-export (lcrec, the LC-Rec baseline of train/lcrec.py, is optional: with a section, the bundle
-carries it as the app's whole-catalogue mode).
+decode → export (lcrec, the LC-Rec baseline of train/lcrec.py, is optional: with a section, the
+bundle carries it as the app's whole-catalogue mode; decode, also optional, is a second
+train.finetune run, by default `run_name: decode`, whose index → preference adapter the bundle
+carries as decode/ for the app's decode panel, docs/decode.md).
 The YAML holds `dataset:` (and `seed:`) at the top and one mapping per stage with that
 stage's own config keys; a stage without a section, or with `skip: true`, does not run.
 `dataset` reaches every stage and `seed` every stage that has one; evaluate takes the ranker
@@ -116,6 +118,11 @@ def _finetune_outputs(cfg) -> list[Path]:
     return [run_dir(cfg) / "best", run_dir(cfg) / "train_summary.json"]
 
 
+def _decode_outputs(cfg) -> list[Path]:
+    from train.finetune import run_dir
+    return [run_dir(cfg) / "last", run_dir(cfg) / "train_summary.json"]
+
+
 def _evaluate_outputs(cfg) -> list[Path]:
     from train.evaluate import results_stem
     stem = results_stem(cfg.results_dir, cfg.dataset)
@@ -141,6 +148,8 @@ STAGES = (
     Stage("finetune", "train.finetune", "FinetuneConfig", _finetune_outputs),
     Stage("evaluate", "train.evaluate", "EvaluateConfig", _evaluate_outputs),
     Stage("lcrec", "train.lcrec", "LcRecConfig", _lcrec_outputs),
+    # after the ranker's stages: a changed decode run re-exports, nothing more
+    Stage("decode", "train.finetune", "FinetuneConfig", _decode_outputs),
     Stage("export", "train.export", "ExportConfig", _export_outputs),
 )
 
@@ -224,6 +233,14 @@ def build_sections(spec: dict, cfg: PipelineConfig, stages, config_path: Path | 
         from train.lcrec import LcRecConfig, model_dir
         lcrec = from_dict(LcRecConfig, sections["lcrec"])
         sections["export"].setdefault("lcrec", str(model_dir(lcrec, dataset_name(dataset))))
+    if sections.get("decode") is not None:
+        sections["decode"].setdefault("run_name", "decode")
+        if sections.get("finetune") is not None and \
+                sections["decode"]["run_name"] == sections["finetune"].get("run_name", "ulmrec"):
+            raise PipelineError(f"stage decode: run_name {sections['decode']['run_name']!r} is the "
+                                "finetune stage's; give the decode run its own")
+        if sections.get("export") is not None:
+            sections["export"].setdefault("decode", sections["decode"]["run_name"])
     # YAML → JSON-able plain values (tuples would not survive yaml.safe_dump)
     return {k: json.loads(json.dumps(v)) for k, v in sections.items()}
 

@@ -54,11 +54,12 @@ def open_app(source=None, preload: bool = True, bf16: bool = False):
         # a local bundle needs nothing from the Hub: keep the libraries offline
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from .logic import prepare, warm
+    from .logic import prepare, warm, warm_decoder
     from .ui import build_demo
     data = prepare(load_bundle(source), bf16=bf16)
     if preload:
         warm(data)
+        warm_decoder(data)
     return data, build_demo(data)
 
 

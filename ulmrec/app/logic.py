@@ -79,6 +79,16 @@ def warm(data: AppData):
         return serve_ready(*data.bundle.model(), bf16=data.bf16)
 
 
+def warm_decoder(data: AppData):
+    """The decode panel's model, ready: the bundle's decode/ adapter when it has one (its own
+    copy of the backbone), else the ranker (warm)."""
+    if not data.bundle.has_decoder:
+        return warm(data)
+    with data.lock:
+        model, tok, _ = data.bundle.decoder()
+        return serve_ready(model, tok, bf16=data.bf16)
+
+
 def serve_ready(model, tok, bf16: bool = False):
     """(model, tok) made ready to serve, once per model (callers hold AppData.lock): on CPU the
     LoRA update merged into the weights and, if asked, bfloat16; a CUDA model as loaded."""
@@ -293,7 +303,7 @@ def decode_prefix(data: AppData, text: str, max_new_tokens: int = LADDER_TOKENS)
     if data.bundle.manifest.get("index_kind") not in ("pid", "release"):
         raise AppError("this bundle was trained without index tokens (index kind "
                        f"'{data.bundle.manifest.get('index_kind')}'): nothing to decode")
-    warm(data)
+    warm_decoder(data)
     return data.bundle.decode(prefix, max_new_tokens=max_new_tokens) or "(empty)"
 
 
@@ -322,7 +332,7 @@ def ladder(data: AppData, user: int, max_new_tokens: int = LADDER_TOKENS) -> pd.
     table = prefix_table(data, user)
     prefixes = [check_prefix(p) for p in table["prefix"]]
     prof = profiles(data)
-    warm(data)
+    warm_decoder(data)
     table["generated preference"] = decode_many(data.bundle, prefixes, max_new_tokens)
     table["what these users share (data)"] = [
         prof.profile(p).text().split(" · ", 1)[-1] for p in prefixes]

@@ -255,6 +255,7 @@ class _FakeBundle:
     def __init__(self):
         import torch
         self.manifest = {"index_kind": "pid"}
+        self.has_decoder = False
         codes = [(1, 1, 1, 0), (1, 2, 1, 0), (1, 2, 2, 0), (2, 1, 1, 0)]
         self.users = pd.DataFrame({
             "user": [1, 2, 3, 4], "reviewerID": ["U1", "U2", "U3", "U4"],

@@ -127,7 +127,7 @@ def train(cfg: FinetuneConfig) -> dict:
     for note in notes:
         log.info("note: %s", note)
 
-    model, tok = build_ranker(cfg, ds)
+    model, tok = build_ranker(cfg, ds, inp)
     letter_ids = letter_token_ids(tok, cfg.num_candidates, cfg.prompt_format) if cfg.loss == "letters" else None
     encoded = [encode(tok, ex, cfg.prompt_format, cfg.max_len)
                for ex in tqdm(examples, desc="tokenize", disable=not acc.is_main_process)]

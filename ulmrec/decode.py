@@ -166,6 +166,16 @@ def _processors(start: int, ngram: int, penalty: float, tokenizer, max_sentences
                         scores[r, banned] = -float("inf")
             return scores
 
+    index_ids = _index_token_ids(tokenizer)
+
+    class NoIndexTokens(LogitsProcessor):
+        # a preference is words: an index-token row that starts near its users' words
+        # (index_init 'words') must not be written in their place
+        def __call__(self, input_ids, scores):
+            if index_ids:
+                scores[:, index_ids] = -float("inf")
+            return scores
+
     punct = _punct_token_ids(tokenizer)
 
     class SentenceStop(StoppingCriteria):
@@ -180,7 +190,14 @@ def _processors(start: int, ngram: int, penalty: float, tokenizer, max_sentences
                     done[r] = len(sentence_ends(strip_markdown(text))) >= max_sentences
             return done
 
-    return LogitsProcessorList([GeneratedRepetition()]), StoppingCriteriaList([SentenceStop()])
+    return (LogitsProcessorList([GeneratedRepetition(), NoIndexTokens()]),
+            StoppingCriteriaList([SentenceStop()]))
+
+
+def _index_token_ids(tokenizer) -> list[int]:
+    from .model import index_vocabulary
+    vocab = tokenizer.get_added_vocab()
+    return [vocab[t] for t in index_vocabulary() if t in vocab]
 
 
 def generate_raw(model, tokenizer, prompts: list[str], settings: DecodeSettings,

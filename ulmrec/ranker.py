@@ -43,6 +43,10 @@ class RankerConfig:
         "help": "retrieval run whose top-20 are the val/test candidates, or 'random'"})
     index_tokens: bool = field(default=True, metadata={
         "help": "add <a_*>..<d_*> as new tokens (else an index is plain sub-word text)"})
+    index_init: str = field(default="mean", metadata={
+        "choices": ("mean", "words"),
+        "help": "new index-token rows: mean = around the mean embedding (all alike); words = "
+                "the embedding of the words that set each code's users apart (ulmrec/index_init.py)"})
     lora_r: int = 8
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -168,10 +172,18 @@ def load_base(cfg: RankerConfig, for_training: bool = True):
     return model, tok
 
 
-def build_ranker(cfg: RankerConfig, ds=None):
-    """A fresh trainable ranker: backbone + index tokens + LoRA."""
+def build_ranker(cfg: RankerConfig, ds=None, inputs=None):
+    """A fresh trainable ranker: backbone + index tokens + LoRA (`inputs`, the TaskInputs,
+    give index_init='words' its users' codes and preference texts)."""
     model, tok = load_base(cfg)
     new_ids = add_index_tokens(model, tok, index_vocabulary()) if cfg.index_tokens else None
+    if new_ids and cfg.index_init == "words":
+        from .index_init import code_words, init_index_rows
+        if inputs is None or inputs.index is None or inputs.preference is None:
+            raise ValueError("index_init 'words' needs a user index and preference texts")
+        users = inputs.index.index.intersection(inputs.train.index)
+        n = init_index_rows(model, tok, code_words(inputs.index[users], inputs.preference))
+        log.info("index tokens: %d of %d rows start at their users' distinctive words", n, len(new_ids))
     model = wrap_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, new_ids)
     return model, tok
 

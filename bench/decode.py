@@ -37,7 +37,7 @@ from ulmrec.config import from_dict, parse_config
 from ulmrec.decode import (DecodeSettings, catalogue_vocab, centroids, decode_indices, diversity,
                            own_retrieval, prefix_fidelity, sample_negatives)
 from ulmrec.indexing.table import level_letter, parse_token_string, token_string
-from ulmrec.paths import atomic_write, atomic_write_json, repo_path
+from ulmrec.paths import atomic_write, atomic_write_json, display_path, repo_path
 
 log = logging.getLogger("bench.decode")
 
@@ -95,10 +95,11 @@ def _load_bundle(cfg: DecodeBenchConfig) -> Inputs:
     if b.manifest.get("index_kind") not in ("pid", "release"):
         raise SystemExit(f"{cfg.bundle}: index kind '{b.manifest.get('index_kind')}' has no "
                          "semantic index to decode")
-    model, tok = b.model()
+    model, tok, fmt = b.decoder()       # its decode/ adapter when it has one, else the ranker
     index = b.users.set_index("user")["index"].dropna().astype(str)
-    return Inputs(b.dataset, model, tok, b.ranker_config().prompt_format, index,
-                  {"bundle": str(b.root), "run": b.manifest.get("run"),
+    return Inputs(b.dataset, model, tok, fmt, index,
+                  {"bundle": display_path(b.root),
+                   "run": (b.manifest.get("decode") or {}).get("run") or b.manifest.get("run"),
                    "preference_source": b.manifest.get("preference_source"), "notes": b.notes})
 
 
@@ -127,7 +128,7 @@ def _load_run(cfg: DecodeBenchConfig) -> Inputs:
     index = user_index_strings(ds, scfg.index_kind, pid).dropna().astype(str)
     model, tok = load_ranker(folder, scfg)
     return Inputs(ds.name, model, tok, scfg.prompt_format, index,
-                  {"run": str(folder), "preference_source": scfg.preference_source,
+                  {"run": display_path(folder), "preference_source": scfg.preference_source,
                    "index_kind": scfg.index_kind})
 
 

@@ -17,6 +17,16 @@ def repo_path(path: str | Path) -> Path:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
+def display_path(path: str | Path) -> str:
+    """A path as written into results and artifacts: relative to the repository when inside
+    it, else only its last three parts (never this machine's layout)."""
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        return "/".join(path.parts[-3:])
+
+
 def cache_root() -> Path:
     """Processed data, embeddings and converted backbones (ULMREC_CACHE overrides)."""
     return Path(os.environ.get("ULMREC_CACHE", REPO_ROOT / "cache"))

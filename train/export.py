@@ -161,6 +161,20 @@ def _lcrec_part(folder: str, ds) -> tuple[Path, dict, pd.DataFrame, dict]:
     return adapter, config, table, json.loads(metrics_file.read_text())
 
 
+def _copy_part(adapter: Path, ranker: Path, part: Path, config_name: str) -> tuple[Path, bool]:
+    """Copy a second adapter (+ its config) into the bundle folder `part`; its tokenizer too
+    unless it is the ranker's, byte for byte (one shared copy saves 3.7 MB).
+    Returns (part, shared)."""
+    part.mkdir()
+    shared = all((adapter / n).exists() == (ranker / n).exists() and (
+        not (adapter / n).exists() or filecmp.cmp(adapter / n, ranker / n, shallow=False))
+        for n in TOKENIZER_FILES)
+    for name in ADAPTER_FILES + (config_name,) + (() if shared else TOKENIZER_FILES):
+        if (adapter / name).exists():
+            shutil.copy2(adapter / name, part / name)
+    return part, shared
+
+
 def _decode_part(cfg: ExportConfig, ds, run_cfg) -> tuple[Path, dict]:
     """(adapter dir, its config) of an index → preference run that reads the same user index."""
     src = runs_root() / ds.name / "finetune" / cfg.decode / cfg.decode_adapter
@@ -241,15 +255,7 @@ def export(cfg: ExportConfig) -> Path:
         }
         if lcrec:
             adapter, lc_cfg, items, result = lcrec
-            part = tmp / LCREC_DIR
-            part.mkdir()
-            # one tokenizer for both parts when they are the same bytes (3.7 MB saved)
-            shared = all((adapter / n).exists() == (src / n).exists() and (
-                not (adapter / n).exists() or filecmp.cmp(adapter / n, src / n, shallow=False))
-                for n in TOKENIZER_FILES)
-            for name in ADAPTER_FILES + ("lcrec_config.json",) + (() if shared else TOKENIZER_FILES):
-                if (adapter / name).exists():
-                    shutil.copy2(adapter / name, part / name)
+            part, shared = _copy_part(adapter, src, tmp / LCREC_DIR, "lcrec_config.json")
             items.to_parquet(part / "item_index.parquet", index=False)
             (part / "metrics.json").write_text(json.dumps(result, indent=1))
             manifest["lcrec"] = {"items": len(items), "tokenizer": "shared" if shared else "own",
@@ -257,14 +263,7 @@ def export(cfg: ExportConfig) -> Path:
                                  "metrics": result["metrics"], "backbone": backbone_reference(lc_cfg)}
         if decode:
             dsrc, dcfg = decode
-            part = tmp / DECODE_DIR
-            part.mkdir()
-            shared = all((dsrc / n).exists() == (src / n).exists() and (
-                not (dsrc / n).exists() or filecmp.cmp(dsrc / n, src / n, shallow=False))
-                for n in TOKENIZER_FILES)
-            for name in ADAPTER_FILES + ("ulmrec_config.json",) + (() if shared else TOKENIZER_FILES):
-                if (dsrc / name).exists():
-                    shutil.copy2(dsrc / name, part / name)
+            _, shared = _copy_part(dsrc, src, tmp / DECODE_DIR, "ulmrec_config.json")
             manifest["decode"] = {"run": cfg.decode, "adapter": cfg.decode_adapter,
                                   "tokenizer": "shared" if shared else "own",
                                   "prompt_format": dcfg.get("prompt_format"),

@@ -87,14 +87,10 @@ def verify_bundle(folder: str | Path, check_hashes: bool = True) -> dict:
         raise BundleError(f"{folder / MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     needed = list(REQUIRED_FILES) + (list(DATA_FILES) if manifest.get("includes_data") else [])
     needed += _tokenizer_files(folder)
-    if manifest.get("lcrec"):
-        own = manifest["lcrec"].get("tokenizer", "own") == "own"
-        needed += [f"{LCREC_DIR}/{f}" for f in LCREC_FILES]
-        needed += [f"{LCREC_DIR}/{f}" for f in (_tokenizer_files(folder / LCREC_DIR) if own else ())]
-    if manifest.get("decode"):
-        own = manifest["decode"].get("tokenizer", "own") == "own"
-        needed += [f"{DECODE_DIR}/{f}" for f in DECODE_FILES]
-        needed += [f"{DECODE_DIR}/{f}" for f in (_tokenizer_files(folder / DECODE_DIR) if own else ())]
+    for key, sub, files in (("lcrec", LCREC_DIR, LCREC_FILES), ("decode", DECODE_DIR, DECODE_FILES)):
+        if manifest.get(key):       # an optional second adapter: its files, its own tokenizer or none
+            own = manifest[key].get("tokenizer", "own") == "own"
+            needed += [f"{sub}/{f}" for f in files + (_tokenizer_files(folder / sub) if own else ())]
     missing = [f for f in needed if not (folder / f).is_file()]
     if missing:
         raise BundleError(f"{folder}: incomplete bundle, missing {', '.join(missing)}")

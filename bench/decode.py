@@ -42,7 +42,9 @@ from ulmrec.paths import atomic_write, atomic_write_json, display_path, repo_pat
 log = logging.getLogger("bench.decode")
 
 SYSTEMS = {"model": "ULMRec decode", "extractive": "extractive summary (no model)",
-           "random_user": "a random other user's reference"}
+           "random_user": "a random other user's reference",
+           "own_reference": "the user's own reference (a perfect per-user writer)",
+           "prefix_medoid": "the prefix's most central other user's reference"}
 GENERIC = {"user", "users", "preference", "preferences", "prefer", "prefers", "preferred",
            "like", "likes", "interest", "interests", "interested", "enjoy", "enjoys", "product",
            "products", "item", "items", "quality", "great", "good", "various", "specific",
@@ -73,6 +75,10 @@ class DecodeBenchConfig:
     negatives: int = field(default=99, metadata={"help": "other users per own-retrieval query"})
     prefix_negatives: int = field(default=9, metadata={"help": "other prefixes per fidelity query"})
     examples: int = field(default=3, metadata={"help": "example ladders written (most training items)"})
+    references_only: bool = field(default=False, metadata={
+        "help": "decode nothing: measure the reference rows only, plus two ceilings (the "
+                "user's own reference; the prefix's most central other member's), to "
+                "results/decode-<dataset>-references.*"})
     seed: int = 0
     results_dir: str = "results"
 
@@ -180,12 +186,32 @@ def level_name(k: int) -> str:
 
 # ------------------------------------------------------------------ the measurement
 
+def prefix_medoids(ref_vec: np.ndarray, codes: list[list[int]], n_levels: int,
+                   rows: np.ndarray) -> np.ndarray:
+    """[N, n_levels] for the users at `rows` of ref_vec [M, D]: at each level, the row of the
+    prefix-mate (never the user) whose reference is closest to the prefix's centroid; -1
+    where no one else shares the prefix."""
+    best = np.full((len(rows), n_levels), -1)
+    for k in range(n_levels):
+        keys = np.array([token_string(c[: k + 1]) for c in codes])
+        uniq, cent = centroids(ref_vec, keys)
+        pos = {key: i for i, key in enumerate(uniq)}
+        for i, r in enumerate(rows):
+            mates = np.flatnonzero(keys == keys[r])
+            mates = mates[mates != r]
+            if len(mates):
+                best[i, k] = mates[np.argmax(ref_vec[mates] @ cent[pos[keys[r]]])]
+    return best
+
+
 def measure(outputs: dict[str, dict[int, list[str]]], refs: pd.Series, index: pd.Series,
             sample: list[int], embed, vocab: set[str], negatives: int = 99,
-            prefix_negatives: int = 9, seed: int = 0) -> dict[str, dict]:
+            prefix_negatives: int = 9, seed: int = 0, medoid: bool = False) -> dict[str, dict]:
     """Metrics per system. outputs[system][user] = texts per prefix level (last = full
     index); refs: user → reference text (pool = every user with one and an index);
-    embed(texts) → unit vectors [n, D]."""
+    embed(texts) → unit vectors [n, D]. medoid adds the system "prefix_medoid": at each
+    level, the reference of the user's prefix-mate closest to the prefix's centroid (the
+    best any one real text of that prefix does; "" where the prefix is the user's alone)."""
     pool = [int(u) for u in index.index if isinstance(refs.get(u), str) and refs.get(u).strip()]
     row = {u: i for i, u in enumerate(pool)}
     ref_vec = embed([refs[u] for u in pool])
@@ -202,6 +228,10 @@ def measure(outputs: dict[str, dict[int, list[str]]], refs: pd.Series, index: pd
         mine[k] = np.array([pos[keys[row[u]]] for u in sample])
         pneg[k] = sample_negatives(len(uniq), mine[k], prefix_negatives, rng)
         groups[k] = len(uniq)
+    if medoid:
+        best = prefix_medoids(ref_vec, codes, n_levels, own)
+        outputs = {**outputs, "prefix_medoid": {
+            u: [refs[pool[j]] if j >= 0 else "" for j in best[i]] for i, u in enumerate(sample)}}
     out: dict[str, dict] = {}
     for system, texts in outputs.items():
         flat = sorted({t for u in sample for t in texts[u]})
@@ -246,7 +276,7 @@ def results_table(payload: dict) -> str:
         same = " (= the reference text: an upper bound)" if system == "extractive" and \
             ref.get("name") == "extractive" else ""
         lines.append(f"| {SYSTEMS.get(system, system)}{same} | {vals} |")
-    chance = payload["results"]["model"]
+    chance = next(iter(payload["results"].values()))
     lines.append("| chance | " + " | ".join(
         [f"{payload['meta']['own_mrr_chance']:.3f}", f"{1 / payload['meta']['own_candidates']:.3f}",
          f"{min(1.0, 10 / payload['meta']['own_candidates']):.3f}"]
@@ -257,11 +287,12 @@ def results_table(payload: dict) -> str:
               "references of the users sharing it, among it and up to "
               f"{payload['prefix_negatives']} other prefixes' centroids. Distinct = distinct "
               "full-index texts / users; boilerplate = no catalogue word, or another user's exact "
-              "text.", "",
-              f"Decoding: {t['generations']} distinct prompts in {t['decode_seconds']:.0f} s "
-              f"({t['seconds_per_generation']:.2f} s each, {t['threads']} CPU thread(s), "
-              f"batch {payload['settings']['batch_size']}); settings "
-              f"`{json.dumps(payload['settings'])}`."]
+              "text.", ""]
+    if t["generations"]:
+        lines += [f"Decoding: {t['generations']} distinct prompts in {t['decode_seconds']:.0f} s "
+                  f"({t['seconds_per_generation']:.2f} s each, {t['threads']} CPU thread(s), "
+                  f"batch {payload['settings']['batch_size']}); settings "
+                  f"`{json.dumps(payload['settings'])}`."]
     if payload.get("examples"):
         lines += ["", "### Example ladders (the sampled users with the most training items)"]
         for ex in payload["examples"]:
@@ -312,8 +343,10 @@ def main(argv: list[str] | None = None) -> int:
                               cfg.max_sentences, cfg.batch_size)
     ladders = {u: prefixes_of(index[u]) for u in sample}
     todo = sorted({p for ps in ladders.values() for p in ps}, key=lambda p: (p.count("<"), p))
+    if cfg.references_only:
+        todo = []
     t0 = time.time()
-    texts = decode_indices(model, inp.tokenizer, todo, inp.prompt_format, settings)
+    texts = decode_indices(model, inp.tokenizer, todo, inp.prompt_format, settings) if todo else []
     decode_s = time.time() - t0
     decoded = dict(zip(todo, texts))
     log.info("decoded %d prefixes in %.0f s", len(todo), decode_s)
@@ -325,10 +358,13 @@ def main(argv: list[str] | None = None) -> int:
         j = int(rng.integers(len(has_ref) - 1))
         other[u] = has_ref[j + (j >= pos[u])]
     outputs = {
-        "model": {u: [decoded[p] for p in ladders[u]] for u in sample},
+        "model": {u: [decoded.get(p, "") for p in ladders[u]] for u in sample},
         "extractive": {u: [str(extractive.get(u) or "")] * len(ladders[u]) for u in sample},
         "random_user": {u: [refs[other[u]]] * len(ladders[u]) for u in sample},
     }
+    if cfg.references_only:         # the two ceilings instead of the model
+        del outputs["model"]
+        outputs["own_reference"] = {u: [refs[u]] * len(ladders[u]) for u in sample}
     enc = load_encoder()
 
     def embed_texts(batch: list[str]) -> np.ndarray:
@@ -340,13 +376,13 @@ def main(argv: list[str] | None = None) -> int:
         ds.items["category"].dropna().astype(str).tolist() if "category" in ds.items else []),
         GENERIC)
     measured = measure(outputs, refs, index, sample, embed_texts, vocab, cfg.negatives,
-                       cfg.prefix_negatives, cfg.seed)
+                       cfg.prefix_negatives, cfg.seed, medoid=cfg.references_only)
 
     # example ladders: the sampled users with the most training items (ties: smaller id)
     users_tab = ds.users.set_index("user")
     prof = ProfileIndex.build(index.tolist(), [train.get(u, []) for u in index.index], titles,
                               [refs.get(u) for u in index.index])
-    chosen = sorted(sample, key=lambda u: (-len(train.get(u, [])), u))[: cfg.examples]
+    chosen = sorted(sample, key=lambda u: (-len(train.get(u, [])), u))[: cfg.examples * bool(todo)]
     examples = []
     for u in chosen:
         rungs = []
@@ -371,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
                    "bf16": cfg.bf16},
         "meta": measured["meta"], "results": measured["results"], "examples": examples,
     }
-    stem = repo_path(cfg.results_dir) / f"decode-{Path(ds.name).name}"
+    stem = repo_path(cfg.results_dir) / (f"decode-{Path(ds.name).name}"
+                                         + ("-references" if cfg.references_only else ""))
     atomic_write_json(stem.with_suffix(".json"), payload)
     table = results_table(payload)
     atomic_write(stem.with_suffix(".md"), lambda p: Path(p).write_text(table + "\n", encoding="utf-8"))

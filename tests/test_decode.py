@@ -182,8 +182,11 @@ def test_measure_ranks_a_perfect_decoder_first():
     perfect = {u: [group[(u - 1) // 4], f"word{u}", f"word{u}", f"word{u}"] for u in users}
     constant = {u: ["boilerplate text"] * 4 for u in users}
     got = measure({"model": perfect, "constant": constant}, refs, index, users, embed,
-                  vocab={"word"}, negatives=5, prefix_negatives=2, seed=0)
+                  vocab={"word"}, negatives=5, prefix_negatives=2, seed=0, medoid=True)
     res = got["results"]
+    # another member's text points at the right group, but is not the user (singletons: "")
+    assert res["prefix_medoid"]["level_a_accuracy"] == 1.0
+    assert res["prefix_medoid"]["own_mrr"] < 0.5
     assert res["model"]["own_mrr"] == 1.0 and res["model"]["level_a_accuracy"] == 1.0
     assert res["model"]["distinct_ratio"] == 1.0
     assert res["model"]["level_a_distinct_ratio"] == 1.0
@@ -192,6 +195,18 @@ def test_measure_ranks_a_perfect_decoder_first():
     assert res["constant"]["distinct_ratio"] == pytest.approx(1 / 12)
     assert res["constant"]["boilerplate_share"] == 1.0
     assert got["meta"]["own_candidates"] == 6 and got["meta"]["prefixes_per_level"]["a"] == 3
+
+
+def test_prefix_medoid_is_the_most_central_other_member():
+    from bench.decode import prefix_medoids
+    e = np.eye(4)
+    # users 0-2 share <a_0>; 1 sits between 0 and 2, so it is their centre; 3 is alone
+    ref_vec = np.stack([e[0], (e[0] + e[1]) / np.sqrt(2), e[1], e[3]])
+    codes = [[0, 0], [0, 1], [0, 1], [1, 0]]
+    best = prefix_medoids(ref_vec, codes, 2, np.array([0, 1, 3]))
+    assert best[0].tolist() == [1, -1]       # level a: user 1; full index: no one else
+    assert best[1, 0] in (0, 2) and best[1, 1] == 2     # never the user itself
+    assert best[2].tolist() == [-1, -1]
 
 
 # ------------------------------------------------------------------ the tasks that teach it

@@ -188,6 +188,28 @@ def test_listwise_letter_loss_scores_letter_answers_against_the_letters_only(tok
     assert response_loss(model, only, ids).item() == pytest.approx(response_loss(model, only).item())
 
 
+def test_per_example_weighting_averages_each_response_then_the_batch(tokenizer, inputs):
+    """loss_weighting=example: every response counts once, whatever its length; a batch of
+    one response is the same under both weightings."""
+    from ulmrec.model import response_loss
+    from ulmrec.ranker import RankerConfig, load_base
+    from ulmrec.verbalizer import letter_token_ids
+    model, tok = load_base(RankerConfig(tiny_backbone=True))
+    ids = letter_token_ids(tok, 20, "chat")
+    exs = training_examples(inputs, TaskConfig(max_history=3))
+    mix = [e for e in exs if e.task == "next_item"][:1] + [e for e in exs if e.task != "next_item"][:2]
+    enc = [encode(tok, e, "chat", 512) for e in mix]
+    for letters in (None, ids):
+        alone = [response_loss(model, collate([x], tok.pad_token_id), letters).item() for x in enc]
+        for x, want in zip(enc, alone):
+            got = response_loss(model, collate([x], tok.pad_token_id), letters, per_example=True)
+            assert got.item() == pytest.approx(want, rel=1e-4)
+        batch = collate(enc, tok.pad_token_id)
+        assert response_loss(model, batch, letters, per_example=True).item() == \
+            pytest.approx(sum(alone) / 3, rel=1e-4)
+        assert response_loss(model, batch, letters).item() != pytest.approx(sum(alone) / 3, rel=1e-3)
+
+
 def test_retriever_training_candidates_are_hard_and_leak_free(gift_cards, inputs):
     """train_candidates=retriever: the last training prefix gets the retriever's list in its
     order where that list holds the target; other prefixes and misses stay random."""

@@ -51,6 +51,11 @@ class FinetuneConfig(RankerConfig, TaskConfig):
         "help": "token = full-vocabulary cross-entropy on every response token; letters = a "
                 "letter answer scored against the 20 candidate letters only (listwise)",
         "choices": ("token", "letters")})
+    loss_weighting: str = field(default="token", metadata={
+        "help": "token = the batch's mean over all response tokens (long texts dominate); "
+                "example = each response's mean, averaged over the batch (a 2-token letter "
+                "answer weighs as much as a 40-token preference)",
+        "choices": ("token", "example")})
     weight_decay: float = 0.0
     num_epochs: float = 1.0
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0 = epochs)"})
@@ -199,7 +204,7 @@ def train(cfg: FinetuneConfig) -> dict:
             batch = collate([encoded[i] for i in mine], pad)
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             with acc.accumulate(model):
-                loss = response_loss(model, batch, letter_ids)
+                loss = response_loss(model, batch, letter_ids, cfg.loss_weighting == "example")
                 acc.backward(loss)
                 optim.step()           # a no-op until the accumulation is complete
                 optim.zero_grad()

@@ -342,9 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = DecodeSettings(cfg.max_new_tokens, cfg.no_repeat_ngram_size, cfg.repetition_penalty,
                               cfg.max_sentences, cfg.batch_size)
     ladders = {u: prefixes_of(index[u]) for u in sample}
-    todo = sorted({p for ps in ladders.values() for p in ps}, key=lambda p: (p.count("<"), p))
-    if cfg.references_only:
-        todo = []
+    todo = [] if cfg.references_only else sorted({p for ps in ladders.values() for p in ps},
+                                                 key=lambda p: (p.count("<"), p))
     t0 = time.time()
     texts = decode_indices(model, inp.tokenizer, todo, inp.prompt_format, settings) if todo else []
     decode_s = time.time() - t0
@@ -357,13 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     for u in sample:                # a random other user, never the user itself
         j = int(rng.integers(len(has_ref) - 1))
         other[u] = has_ref[j + (j >= pos[u])]
-    outputs = {
-        "model": {u: [decoded.get(p, "") for p in ladders[u]] for u in sample},
-        "extractive": {u: [str(extractive.get(u) or "")] * len(ladders[u]) for u in sample},
-        "random_user": {u: [refs[other[u]]] * len(ladders[u]) for u in sample},
-    }
+    outputs = {} if cfg.references_only else {
+        "model": {u: [decoded[p] for p in ladders[u]] for u in sample}}
+    outputs["extractive"] = {u: [str(extractive.get(u) or "")] * len(ladders[u]) for u in sample}
+    outputs["random_user"] = {u: [refs[other[u]]] * len(ladders[u]) for u in sample}
     if cfg.references_only:         # the two ceilings instead of the model
-        del outputs["model"]
         outputs["own_reference"] = {u: [refs[u]] * len(ladders[u]) for u in sample}
     enc = load_encoder()
 
@@ -382,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     users_tab = ds.users.set_index("user")
     prof = ProfileIndex.build(index.tolist(), [train.get(u, []) for u in index.index], titles,
                               [refs.get(u) for u in index.index])
-    chosen = sorted(sample, key=lambda u: (-len(train.get(u, [])), u))[: cfg.examples * bool(todo)]
+    n_examples = 0 if cfg.references_only else cfg.examples       # ladders need decoded texts
+    chosen = sorted(sample, key=lambda u: (-len(train.get(u, [])), u))[:n_examples]
     examples = []
     for u in chosen:
         rungs = []

@@ -81,6 +81,7 @@ def main(argv=None) -> int:
                     help="concurrent /rank requests sent at once (0: skip)")
     ap.add_argument("--concurrency", type=int, default=1, help="passed to app.py")
     ap.add_argument("--bf16", action="store_true", help="passed to app.py (CPU bfloat16)")
+    ap.add_argument("--int8", action="store_true", help="passed to app.py (CPU dynamic int8)")
     args = ap.parse_args(argv)
 
     port = free_port()
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--bundle", args.bundle,
                              "--port", str(port), "--concurrency", str(args.concurrency)]
-                            + (["--bf16"] if args.bf16 else []),
+                            + (["--bf16"] if args.bf16 else []) + (["--int8"] if args.int8 else []),
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         ready = wait_http(url, proc, 600) - t0
@@ -144,6 +145,7 @@ def main(argv=None) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
     result = {"bundle": args.bundle, "cpu_count": os.cpu_count(), "concurrency": args.concurrency, "bf16": args.bf16,
+              "int8": args.int8,
               "server_ready_s": round(ready, 2),
               "first_chart_s": round(chart - t0, 2) if chart else None,
               "rank_p50_s": round(float(np.percentile(rank_s, 50)), 3),
@@ -162,7 +164,7 @@ def main(argv=None) -> int:
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     cat = f"{result['catalogue_mean_s']:.1f} s" if catalogue_s else "—"
     fc = f"{result['first_chart_s']:.1f} s" if chart else "—"
-    dtype = "bf16" if args.bf16 else "fp32"
+    dtype = "bf16" if args.bf16 else "int8" if args.int8 else "fp32"
     print(f"| {Path(args.bundle).name} | {dtype} | {result['server_ready_s']:.1f} s | {fc} | "
           f"{result['rank_p50_s']:.2f} s | {result['rank_p90_s']:.2f} s | "
           f"{result['burst_p50_s'] or '—'} s | {result['burst_p95_s'] or '—'} s | "

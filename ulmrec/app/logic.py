@@ -50,10 +50,11 @@ class AppData:
     codes: np.ndarray                   # [users, levels] aligned with `users`
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     bf16: bool = False                  # CPU only, opt-in: ~40% faster, scores move slightly
+    int8: bool = False                  # CPU only, opt-in: dynamic int8 (ulmrec.ranker.quantize_int8)
     rank_batcher: object = field(default=None, repr=False)   # ranking.RankBatcher, made on first use
 
 
-def prepare(bundle, bf16: bool = False) -> AppData:
+def prepare(bundle, bf16: bool = False, int8: bool = False) -> AppData:
     users = bundle.users.set_index("user", drop=False).sort_index()
     test = bundle.candidates[bundle.candidates["split"] == "test"]
     cands = {int(u): [int(i) for i in c] for u, c in zip(test["user"], test["candidates"])}
@@ -65,7 +66,9 @@ def prepare(bundle, bf16: bool = False) -> AppData:
         "has_candidates": [int(u) in cands for u in users.index],
         "retrieved": [int(t) in cands.get(int(u), ()) for u, t in zip(users.index, users["target"])],
     }, index=users.index)
-    return AppData(bundle, table, bundle.titles(), cands, levels, codes, bf16=bf16)
+    if bf16 and int8:
+        raise ValueError("choose one of bf16 and int8")
+    return AppData(bundle, table, bundle.titles(), cands, levels, codes, bf16=bf16, int8=int8)
 
 
 def warm(data: AppData):
@@ -76,7 +79,7 @@ def warm(data: AppData):
     faster per call) and, if asked, cast to bfloat16; a CUDA model is left as loaded.
     """
     with data.lock:
-        return serve_ready(*data.bundle.model(), bf16=data.bf16)
+        return serve_ready(*data.bundle.model(), bf16=data.bf16, int8=data.int8)
 
 
 def warm_decoder(data: AppData):
@@ -89,9 +92,10 @@ def warm_decoder(data: AppData):
         return serve_ready(model, tok, bf16=data.bf16)
 
 
-def serve_ready(model, tok, bf16: bool = False):
+def serve_ready(model, tok, bf16: bool = False, int8: bool = False):
     """(model, tok) made ready to serve, once per model (callers hold AppData.lock): on CPU the
-    LoRA update merged into the weights and, if asked, bfloat16; a CUDA model as loaded."""
+    LoRA update merged into the weights and, if asked, bfloat16 or int8 linear layers (the
+    ranker only: the decoder keeps its precision); a CUDA model as loaded."""
     # marked on the model, not on `data`: several AppData may share one bundle's model
     if not getattr(model, "_ulmrec_app_ready", False):
         if next(model.parameters()).device.type == "cpu":
@@ -100,6 +104,9 @@ def serve_ready(model, tok, bf16: bool = False):
             if bf16:
                 import torch
                 model.to(torch.bfloat16)
+            elif int8:
+                from ulmrec.ranker import quantize_int8
+                quantize_int8(model)
         model._ulmrec_app_ready = True
     return model, tok
 

@@ -127,7 +127,8 @@ def setup_page(problem: str | None = None):
     return demo
 
 
-def open_space(source: str | None = None, preload: bool = True, bf16: bool = False):
+def open_space(source: str | None = None, preload: bool = True, bf16: bool = False,
+               int8: bool = False):
     """(AppData or None, gr.Blocks): the app over the configured bundle, else the setup page."""
     from ulmrec.bundle import BundleError
     from ulmrec.hub import HubError
@@ -138,7 +139,7 @@ def open_space(source: str | None = None, preload: bool = True, bf16: bool = Fal
         log.warning("no bundle configured (ULMREC_BUNDLE or README `models:`): serving the setup page")
         return None, setup_page()
     try:
-        return open_app(source, preload=preload, bf16=bf16)
+        return open_app(source, preload=preload, bf16=bf16, int8=int8)
     except (BundleError, HubError, OSError, ValueError) as e:
         # OSError: transformers could not fetch the base model (gated, no token, no network)
         log.error("cannot open %s: %s", source, e)
@@ -150,7 +151,8 @@ def main(args, block: bool = True):
     configure_environment()
     if enable_zero_gpu():
         log.info("ZeroGPU: ranking, decoding and catalogue generation run under spaces.GPU")
-    data, demo = open_space(args.bundle, preload=not args.no_preload, bf16=args.bf16)
+    data, demo = open_space(args.bundle, preload=not args.no_preload, bf16=args.bf16,
+                            int8=args.int8)
     from .cli import serve, set_threads
     if data is not None:
         set_threads(args.threads, args.concurrency)

@@ -88,7 +88,7 @@ class DecodeBenchConfig:
 @dataclass
 class Inputs:
     dataset: str
-    model: object
+    model: object                # None with --references-only (no text is decoded)
     tokenizer: object
     prompt_format: str
     index: pd.Series             # user → index string (every user with one)
@@ -101,7 +101,10 @@ def _load_bundle(cfg: DecodeBenchConfig) -> Inputs:
     if b.manifest.get("index_kind") not in ("pid", "release"):
         raise SystemExit(f"{cfg.bundle}: index kind '{b.manifest.get('index_kind')}' has no "
                          "semantic index to decode")
-    model, tok, fmt = b.decoder()       # its decode/ adapter when it has one, else the ranker
+    model = tok = None
+    fmt = b.ranker_config().prompt_format
+    if not cfg.references_only:         # its decode/ adapter when it has one, else the ranker
+        model, tok, fmt = b.decoder()
     index = b.users.set_index("user")["index"].dropna().astype(str)
     return Inputs(b.dataset, model, tok, fmt, index,
                   {"bundle": display_path(b.root),
@@ -132,7 +135,7 @@ def _load_run(cfg: DecodeBenchConfig) -> Inputs:
     ds = load_dataset(scfg.data_config())
     pid = load_pid_table(ds.name) if scfg.index_kind == "pid" else None
     index = user_index_strings(ds, scfg.index_kind, pid).dropna().astype(str)
-    model, tok = load_ranker(folder, scfg)
+    model, tok = (None, None) if cfg.references_only else load_ranker(folder, scfg)
     return Inputs(ds.name, model, tok, scfg.prompt_format, index,
                   {"run": display_path(folder), "preference_source": scfg.preference_source,
                    "index_kind": scfg.index_kind})
@@ -334,11 +337,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # decode every prefix of every sampled user (each distinct prefix once)
     model = inp.model
-    if hasattr(model, "merge_adapter") and next(model.parameters()).device.type == "cpu":
-        model.merge_adapter()       # as the app serves it: same outputs, faster on CPU
-    if cfg.bf16 and next(model.parameters()).device.type == "cpu":
-        model.to(torch.bfloat16)
-    model.eval()
+    if model is not None:
+        if hasattr(model, "merge_adapter") and next(model.parameters()).device.type == "cpu":
+            model.merge_adapter()       # as the app serves it: same outputs, faster on CPU
+        if cfg.bf16 and next(model.parameters()).device.type == "cpu":
+            model.to(torch.bfloat16)
+        model.eval()
     settings = DecodeSettings(cfg.max_new_tokens, cfg.no_repeat_ngram_size, cfg.repetition_penalty,
                               cfg.max_sentences, cfg.batch_size)
     ladders = {u: prefixes_of(index[u]) for u in sample}
@@ -400,8 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         "levels": [level_name(k) for k in range(n_levels - 1)],
         "prefix_negatives": cfg.prefix_negatives, "settings": asdict(settings),
         "timing": {"generations": len(todo), "decode_seconds": round(decode_s, 1),
-                   "seconds_per_generation": decode_s / max(1, len(todo)),
-                   "seconds_per_user": decode_s / max(1, len(sample)), "threads": cfg.threads,
+                   "seconds_per_generation": round(decode_s / max(1, len(todo)), 3),
+                   "seconds_per_user": round(decode_s / max(1, len(sample)), 3), "threads": cfg.threads,
                    "bf16": cfg.bf16},
         "meta": measured["meta"], "results": measured["results"], "examples": examples,
     }

@@ -76,7 +76,7 @@ def warm(data: AppData):
     requests cannot race to load it twice (also with --no-preload).
 
     On CPU the LoRA update is merged into the base weights (same scores to ~1e-5, ~10%
-    faster per call) and, if asked, cast to bfloat16; a CUDA model is left as loaded.
+    faster per call) and, if asked, cast to bfloat16 or int8; a CUDA model is left as loaded.
     """
     with data.lock:
         return serve_ready(*data.bundle.model(), bf16=data.bf16, int8=data.int8)
@@ -94,8 +94,8 @@ def warm_decoder(data: AppData):
 
 def serve_ready(model, tok, bf16: bool = False, int8: bool = False):
     """(model, tok) made ready to serve, once per model (callers hold AppData.lock): on CPU the
-    LoRA update merged into the weights and, if asked, bfloat16 or int8 linear layers (the
-    ranker only: the decoder keeps its precision); a CUDA model as loaded."""
+    LoRA update merged into the weights and, if asked, bfloat16 or int8 linear layers (int8:
+    the ranker; a bundle's decode/ adapter stays fp32); a CUDA model as loaded."""
     # marked on the model, not on `data`: several AppData may share one bundle's model
     if not getattr(model, "_ulmrec_app_ready", False):
         if next(model.parameters()).device.type == "cpu":

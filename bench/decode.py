@@ -90,7 +90,7 @@ class Inputs:
     dataset: str
     model: object                # None with --references-only (no text is decoded)
     tokenizer: object
-    prompt_format: str
+    prompt_format: str | None
     index: pd.Series             # user → index string (every user with one)
     source: dict                 # what was loaded (bundle / run, adapter, config)
 
@@ -101,8 +101,7 @@ def _load_bundle(cfg: DecodeBenchConfig) -> Inputs:
     if b.manifest.get("index_kind") not in ("pid", "release"):
         raise SystemExit(f"{cfg.bundle}: index kind '{b.manifest.get('index_kind')}' has no "
                          "semantic index to decode")
-    model = tok = None
-    fmt = b.ranker_config().prompt_format
+    model = tok = fmt = None
     if not cfg.references_only:         # its decode/ adapter when it has one, else the ranker
         model, tok, fmt = b.decoder()
     index = b.users.set_index("user")["index"].dropna().astype(str)

@@ -55,8 +55,9 @@ def main(argv=None) -> int:
     bundle = load_bundle(args.bundle)
     test = bundle.candidates[bundle.candidates["split"] == "test"]
     targets = bundle.users.set_index("user")["target"]
+    n = bundle.ranker_config().num_candidates
     users = [int(u) for u, c in zip(test["user"], test["candidates"])
-             if int(targets[u]) in [int(i) for i in c][:20]][: args.users]
+             if int(targets[u]) in [int(i) for i in c][:n]][: args.users]
     examples, cfg = bundle.examples(users, "test")
     pos = [ex.candidates.index(int(targets[ex.user])) for ex in examples]
 

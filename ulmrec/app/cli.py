@@ -38,7 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "bench/quantize.py)")
     p.add_argument("--no-preload", action="store_true",
                    help="load the model on the first request instead of before serving")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.bf16 and args.int8:
+        p.error("choose one of --bf16 and --int8")
+    return args
 
 
 def set_threads(threads: int, concurrency: int) -> int:

@@ -66,6 +66,25 @@ def test_resume_continues_exactly_and_adapter_round_trips(runs):
     assert not np.allclose(s_full, _scores(*load_base(CFG)), atol=1e-4)
 
 
+def test_init_from_starts_from_another_runs_weights(runs, tmp_path):
+    full = runs / "gift-cards" / "finetune" / "full"
+    if not (full / "last").exists():
+        test_resume_continues_exactly_and_adapter_round_trips(runs)
+    # learning rate 0: one step keeps the loaded weights, so the warm start scores as its source
+    assert finetune.main(COMMON + ["--run-name", "warm", "--max-steps", "1", "--eval-every", "1",
+                                   "--learning-rate", "0", "--init-from", str(full / "last")]) == 0
+    warm = runs / "gift-cards" / "finetune" / "warm"
+    np.testing.assert_allclose(_scores(*load_ranker(warm / "last", CFG)),
+                               _scores(*load_ranker(full / "last", CFG)), rtol=1e-4, atol=1e-5)
+    saved = json.loads((warm / "last" / "ulmrec_config.json").read_text())["init_from"]
+    assert saved.endswith("full/last") and not saved.startswith("/")  # no machine path
+    with pytest.raises(SystemExit, match="index_kind: 'oid' there, 'none' here"):
+        finetune.main(COMMON + ["--run-name", "warm2", "--max-steps", "1", "--index-kind", "none",
+                                "--init-from", str(full / "last")])
+    with pytest.raises(SystemExit, match="no adapter_model.safetensors"):
+        finetune.main(COMMON + ["--run-name", "warm3", "--max-steps", "1", "--init-from", str(tmp_path)])
+
+
 def test_evaluate_writes_rank_and_overall_table(runs, tmp_path):
     if not (runs / "gift-cards" / "finetune" / "full" / "best").exists():
         finetune.main(COMMON + ["--run-name", "full", "--max-steps", "2", "--eval-every", "2"])

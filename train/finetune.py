@@ -34,7 +34,7 @@ from ulmrec.data import load_dataset
 from ulmrec.metrics import metrics_from_ranks, target_ranks
 from ulmrec.model import collate, encode, response_loss, score_examples
 from ulmrec.verbalizer import letter_token_ids
-from ulmrec.paths import atomic_dir, atomic_write_json, runs_root
+from ulmrec.paths import atomic_dir, atomic_write_json, display_path, runs_root
 from ulmrec.ranker import RankerConfig, build_ranker, load_candidates, load_task_inputs
 from ulmrec.tasks import TaskConfig, eval_examples, task_counts, training_examples
 
@@ -70,6 +70,48 @@ class FinetuneConfig(RankerConfig, TaskConfig):
     stop_after: int = field(default=0, metadata={
         "help": "leave after this many optimizer steps, resumable, as if interrupted (time boxes)"})
     resume: bool = field(default=True, metadata={"help": "continue from <out>/checkpoint if present"})
+    init_from: str | None = field(default=None, metadata={
+        "help": "start from another run's trained weights (its best/ or last/ adapter, or its "
+                "checkpoint/), with a fresh optimizer and schedule: a warm start for a longer run"})
+
+
+# what must match for another run's LoRA and index-token rows to mean the same thing here
+SAME_FOR_INIT = ("dataset", "backbone", "index_kind", "index_tokens", "lora_r", "lora_targets")
+
+
+def init_weights(model, folder: Path, cfg: FinetuneConfig) -> None:
+    """Load another run's trainable weights (LoRA + index-token rows) into `model` in place."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    files = [folder / "adapter_model.safetensors", folder / "trainable.safetensors"]
+    weights = next((f for f in files if f.exists()), None)
+    if weights is None:
+        raise SystemExit(f"--init-from {folder}: no adapter_model.safetensors or "
+                         "trainable.safetensors there (give a run's best/, last/ or checkpoint/)")
+    saved = folder / "ulmrec_config.json"
+    if saved.exists():
+        theirs = json.loads(saved.read_text())
+        def norm(v):  # JSON gives lists where the config holds tuples
+            return list(v) if isinstance(v, (list, tuple)) else v
+        diff = [f"{k}: {theirs[k]!r} there, {getattr(cfg, k)!r} here" for k in SAME_FOR_INIT
+                if k in theirs and norm(theirs[k]) != norm(getattr(cfg, k))]
+        if diff:
+            raise SystemExit(f"--init-from {folder} was trained with other settings: " + "; ".join(diff))
+    result = set_peft_model_state_dict(model, load_file(weights))
+    # (missing keys say nothing here: the output head's index rows are tied to the embedding's)
+    unused = getattr(result, "unexpected_keys", [])
+    if unused:
+        raise SystemExit(f"--init-from {folder}: {len(unused)} saved tensors fit nothing here, e.g. {unused[0]}")
+
+
+def saved_config(cfg: FinetuneConfig) -> dict:
+    """The config as written beside the weights: folders relative to the repository."""
+    d = asdict(cfg)
+    for k in ("output_dir", "init_from"):
+        if d[k]:
+            d[k] = display_path(d[k])
+    return d
 
 
 def run_dir(cfg: FinetuneConfig) -> Path:
@@ -166,6 +208,9 @@ def train(cfg: FinetuneConfig) -> dict:
     if cfg.resume and read_state(ckpt) is not None:
         state = load_checkpoint(ckpt, acc.unwrap_model(model), optim, sched)
         log.info("resumed from %s at step %d (best NDCG@10 %.4f)", ckpt, state["step"], state["best"])
+    elif cfg.init_from:
+        init_weights(acc.unwrap_model(model), Path(cfg.init_from), cfg)
+        log.info("warm start from %s", cfg.init_from)
     if state["done"]:
         log.info("run already finished; nothing to do (use --no-resume to retrain)")
         return {"run": cfg.run_name, "steps": state["step"], "best_val_ndcg10": state["best"],
@@ -182,7 +227,7 @@ def train(cfg: FinetuneConfig) -> dict:
                 # PEFT also copies the whole resized embedding (hundreds of MB for a 135M model).
                 acc.unwrap_model(model).save_pretrained(tmp, save_embedding_layers=False)
                 save_tokenizer(tok, tmp, cfg.backbone)  # a reference to the base + added tokens
-                (tmp / "ulmrec_config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
+                (tmp / "ulmrec_config.json").write_text(json.dumps(saved_config(cfg), indent=1, default=str))
             atomic_dir(out / name, write)
 
     model.train()
@@ -261,7 +306,7 @@ def train(cfg: FinetuneConfig) -> dict:
         "mixed_precision": acc.mixed_precision, "early_stop": stopped_early,
         "lr": lrs, "scheduler_steps": sched.last_epoch, "train_seconds_this_process": train_s,
         "train_tokens_per_s": tokens_seen / train_s if train_s else None,
-        "total_seconds": time.time() - t_start, "config": asdict(cfg),
+        "total_seconds": time.time() - t_start, "config": saved_config(cfg),
     }
     if acc.is_main_process:
         atomic_write_json(out / "train_summary.json", summary)

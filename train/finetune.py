@@ -5,7 +5,9 @@
 
 Validation every `eval_every` optimizer steps: verbalizer NDCG@10 on a fixed sample of
 validation users whose target was retrieved; the best adapter is kept in <out>/best.
-An interrupted run resumes from <out>/checkpoint (adapter, optimizer, scheduler, step).
+An interrupted run resumes from <out>/checkpoint (adapter, optimizer, scheduler, step);
+`--init-from <run>/best` starts a new run from another run's weights instead (a staged or
+longer schedule), with a fresh optimizer and schedule.
 
 Several processes (accelerate launch / torchrun): each takes its share of every batch; the
 LR scheduler steps once per optimizer step (not once per process); process 0 validates
@@ -72,7 +74,8 @@ class FinetuneConfig(RankerConfig, TaskConfig):
     resume: bool = field(default=True, metadata={"help": "continue from <out>/checkpoint if present"})
     init_from: str | None = field(default=None, metadata={
         "help": "start from another run's trained weights (its best/ or last/ adapter, or its "
-                "checkpoint/), with a fresh optimizer and schedule: a warm start for a longer run"})
+                "checkpoint/), with a fresh optimizer and schedule: a warm start for a longer or "
+                "staged run (ignored once this run has its own checkpoint to resume)"})
 
 
 # what must match for another run's LoRA and index-token rows to mean the same thing here

@@ -68,6 +68,11 @@ class DecodeBenchConfig:
     no_repeat_ngram_size: int = 3
     repetition_penalty: float = 1.15
     batch_size: int = field(default=32, metadata={"help": "prompts per generate call"})
+    contrast: float = field(default=0.0, metadata={
+        "help": "index contrast weight w (0 = plain greedy): log p(y|index) + w·(log p(y|index)"
+                " − log p(y|no index)) over plausible tokens (ulmrec.decode.IndexContrast)"})
+    plausibility: float = field(default=0.1, metadata={
+        "help": "with --contrast: keep tokens with p(y|index) ≥ this × the best one"})
     threads: int = field(default=1, metadata={
         "help": "torch CPU threads (1: on a busy shared CPU, 2 threads ran 10× slower)"})
     bf16: bool = field(default=False, metadata={
@@ -343,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             model.to(torch.bfloat16)
         model.eval()
     settings = DecodeSettings(cfg.max_new_tokens, cfg.no_repeat_ngram_size, cfg.repetition_penalty,
-                              cfg.max_sentences, cfg.batch_size)
+                              cfg.max_sentences, cfg.batch_size, cfg.contrast, cfg.plausibility)
     ladders = {u: prefixes_of(index[u]) for u in sample}
     todo = [] if cfg.references_only else sorted({p for ps in ladders.values() for p in ps},
                                                  key=lambda p: (p.count("<"), p))

@@ -406,6 +406,42 @@ def test_batcher_shares_one_forward_pass_and_matches_single_requests(data):
         assert not np.allclose(out[(u, True)]["prob"], alone[u]["prob"])
 
 
+def test_batcher_groups_waiting_requests_by_prompt_length():
+    """Requests that waited together run in batches of similar prompt length, each caller
+    answered with its own user's frame."""
+    import threading
+
+    from ulmrec.app.ranking import RankBatcher
+    gate, calls = threading.Event(), []
+
+    class Fake:
+        length = {1: 50, 2: 400, 3: 60, 4: 390, 5: 55, 6: 410, 7: 300}
+
+        def prompt_lengths(self, users, no_history=False):
+            return [self.length[u] for u in users]
+
+        def rank(self, users, **kw):
+            calls.append(list(users))
+            if len(calls) == 1:
+                gate.wait(10)
+            return [pd.DataFrame({"user": [u]}) for u in users]
+    b = RankBatcher(Fake(), max_batch=3, cache=0)
+    out = {}
+    threads = [threading.Thread(target=lambda u=u: out.__setitem__(u, b.rank(u))) for u in Fake.length]
+    threads[0].start()
+    while not calls:
+        pass
+    for th in threads[1:]:
+        th.start()
+    while len(b._pending) < len(threads) - 1:
+        pass
+    gate.set()
+    for th in threads:
+        th.join(10)
+    assert calls == [[1], [5, 3, 7], [4, 2, 6]]          # 55, 60, 300 | 390, 400, 410 tokens
+    assert all(int(out[u]["user"].iloc[0]) == u for u in Fake.length)
+
+
 def test_twenty_concurrent_rank_requests_all_answer(data):
     """Loopback load test: 20 clients at once through the queue (concurrency 2)."""
     from gradio_client import Client

@@ -310,3 +310,38 @@ def test_ladder_shows_each_rungs_data_profile():
     assert col.iloc[1].startswith("top items: Zelda Link Awakening (2)")
     assert profiles(data) is profiles(data)                       # built once
     assert profiles(data).profile("<a_1>").users == table["users sharing it"].iloc[0]
+
+
+# ------------------------------------------------------------------ index contrast
+
+def test_index_contrast_matches_a_recomputed_no_index_branch():
+    """Step by step, the processor's cached no-index branch gives the log-probabilities of a
+    fresh forward pass over [no-index prompt + generated tokens]; the mix is
+    cond + w·(cond − uncond) on the plausible tokens only."""
+    import math
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ulmrec.decode import IndexContrast
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2)).eval()
+    negative = torch.tensor([[5, 6, 7]])
+    prompt = torch.tensor([[1, 2, 3, 4], [9, 8, 3, 4]])           # [B=2, start=4]
+    w, alpha = 1.5, 0.1
+    proc = IndexContrast(model, negative, start=4, weight=w, plausibility=alpha)
+    ids = prompt
+    for step in range(3):
+        scores = torch.randn(2, 50)
+        got = proc(ids, scores.clone())
+        full = torch.cat([negative.expand(2, -1), ids[:, 4:]], dim=1)
+        with torch.no_grad():
+            uncond = torch.log_softmax(model(full).logits[:, -1], dim=-1)
+        cond = torch.log_softmax(scores, dim=-1)
+        keep = cond >= cond.max(dim=-1, keepdim=True).values + math.log(alpha)
+        assert torch.equal(torch.isfinite(got), keep)
+        assert torch.allclose(got[keep], (cond + w * (cond - uncond))[keep], atol=1e-5)
+        assert (keep.sum(dim=-1) < 50).all()                     # the floor dropped tokens
+        ids = torch.cat([ids, got.argmax(dim=-1, keepdim=True)], dim=1)

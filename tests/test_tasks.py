@@ -236,6 +236,10 @@ def test_retriever_training_candidates_are_hard_and_leak_free(gift_cards, inputs
         else:
             assert ex.candidates != retrieved[u] and ex.target in ex.candidates   # random fallback
         assert not {int(val[u]), int(test[u])} & set(ex.candidates)
+    # retriever-only: exactly the hard prompts, nothing random
+    only = training_examples(inp, replace(cfg, train_candidates="retriever-only"))
+    assert sorted(e.user for e in only) == sorted(u for k, u in enumerate(users) if k % 2 == 0)
+    assert all(e.candidates == retrieved[e.user] and e.target == train[e.user][-1] for e in only)
     # a retriever list holding the user's own validation and test items (as lists exported
     # before the retriever masked them did): both leave, the list is topped up to 20
     leaky = {}

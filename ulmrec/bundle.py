@@ -341,6 +341,15 @@ class Bundle:
             out.append(next_item_example(inp, u, inp.train[u], c, None, cfg))
         return out, cfg
 
+    def prompt_lengths(self, users: list[int], split: str = "test", no_history: bool = False
+                       ) -> list[int]:
+        """Tokens in each user's ranking prompt (a server groups similar lengths: less padding)."""
+        from .model import encode
+        _, tok = self.model()
+        examples, cfg = self.examples(users, split, no_history)
+        return [len(encode(tok, ex, cfg.prompt_format, cfg.max_len, with_response=False)["input_ids"])
+                for ex in examples]
+
     @cached_property
     def fusion(self) -> dict | None:
         """The retriever-prior weight fitted on validation users ({"lambda", ...}), if exported."""
@@ -348,14 +357,16 @@ class Bundle:
         return json.loads(path.read_text()) if path.exists() else None
 
     def rank(self, users: list[int], split: str = "test", no_history: bool = False,
-             batch_size: int = 8) -> list[pd.DataFrame]:
+             batch_size: int = 8, shared_prefix: bool = True) -> list[pd.DataFrame]:
         """Per user: letter, item, title, prob, llm_rank, retriever_rank, is_target, and with a
-        fitted retriever prior (fusion.json) fused_score and fused_rank (ulmrec.fusion)."""
+        fitted retriever prior (fusion.json) fused_score and fused_rank (ulmrec.fusion).
+        A batch runs its prompts' shared beginning once (`shared_prefix`, ulmrec.model)."""
         from .model import score_examples
         model, tok = self.model()
         examples, cfg = self.examples(users, split, no_history)
         scores, probs = score_examples(model, tok, examples, cfg.prompt_format, cfg.max_len,
-                                       batch_size, cfg.num_candidates, progress=False)
+                                       batch_size, cfg.num_candidates, progress=False,
+                                       shared_prefix=shared_prefix)
         titles = self.titles()
         targets = self.users.set_index("user")["target"]
         fusion = self.fusion

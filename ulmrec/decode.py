@@ -33,6 +33,11 @@ class DecodeSettings:
     repetition_penalty: float = 1.15   # on tokens already generated (1 = off)
     max_sentences: int = 2             # stop a row once this many sentences are complete
     batch_size: int = 32
+    # index contrast (0 = off): log p(y | index) + w·(log p(y | index) − log p(y | no index)),
+    # over the tokens with p(y | index) ≥ plausibility × the best one (contrastive decoding):
+    # words the index makes likelier win over what any user's text would say
+    contrast: float = 0.0
+    plausibility: float = 0.1
 
 
 INDEX_INPUT = "User index: {index}"   # the input line of index_to_pref (ulmrec.tasks)
@@ -142,8 +147,10 @@ def _punct_token_ids(tokenizer) -> frozenset[int]:
     return cached
 
 
-def _processors(start: int, ngram: int, penalty: float, tokenizer, max_sentences: int):
-    """(logits processors, stopping criteria) that look at generated tokens only."""
+def _processors(start: int, ngram: int, penalty: float, tokenizer, max_sentences: int,
+                contrast=None):
+    """(logits processors, stopping criteria) that look at generated tokens only; `contrast`
+    (an IndexContrast) goes first, on the model's own logits."""
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, \
         StoppingCriteriaList
@@ -190,8 +197,43 @@ def _processors(start: int, ngram: int, penalty: float, tokenizer, max_sentences
                     done[r] = len(sentence_ends(strip_markdown(text))) >= max_sentences
             return done
 
-    return (LogitsProcessorList([GeneratedRepetition(), NoIndexTokens()]),
+    procs = [GeneratedRepetition(), NoIndexTokens()]
+    return (LogitsProcessorList(([contrast] if contrast is not None else []) + procs),
             StoppingCriteriaList([SentenceStop()]))
+
+
+class IndexContrast:
+    """A logits processor: the next-token log-probabilities given the index, pushed away from
+    those given the same prompt with no index (one shared prompt, so that branch needs no
+    padding; its own KV cache follows the generated tokens). Tokens below `plausibility` ×
+    the best conditional probability are dropped, so the contrast only re-orders tokens the
+    index itself finds plausible (Li et al. 2023)."""
+
+    def __init__(self, model, negative_ids, start: int, weight: float, plausibility: float):
+        self.model, self.negative, self.start = model, negative_ids, start   # negative [1, L]
+        self.weight, self.alpha, self.cache = weight, plausibility, None
+
+    def __call__(self, input_ids, scores):
+        import math
+
+        import torch
+        from transformers import DynamicCache
+
+        from .model import cache_kw
+        gen = input_ids[:, self.start:]                                  # [B, t]
+        if self.cache is None:
+            ids = torch.cat([self.negative.expand(len(gen), -1), gen], dim=1)
+            self.cache = DynamicCache(config=self.model.config)
+        else:
+            ids = gen[:, -1:]
+        with torch.no_grad():
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1,
+                             **{cache_kw(self.model): self.cache})
+        uncond = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)    # [B, V]
+        cond = torch.log_softmax(scores.float(), dim=-1)
+        mixed = cond + self.weight * (cond - uncond)
+        floor = cond.max(dim=-1, keepdim=True).values + math.log(self.alpha)
+        return mixed.masked_fill(cond < floor, -float("inf")).to(scores.dtype)
 
 
 def _index_token_ids(tokenizer) -> list[int]:
@@ -201,9 +243,11 @@ def _index_token_ids(tokenizer) -> list[int]:
 
 
 def generate_raw(model, tokenizer, prompts: list[str], settings: DecodeSettings,
-                 add_special_tokens: bool = False) -> list[tuple[str, bool]]:
+                 add_special_tokens: bool = False, negative_prompt: str | None = None
+                 ) -> list[tuple[str, bool]]:
     """(raw text, finished by the model or the sentence stop) per prompt; each distinct
-    prompt generated once, in chunks of similar length (left padding)."""
+    prompt generated once, in chunks of similar length (left padding). With
+    settings.contrast, `negative_prompt` is the prompt the index is contrasted against."""
     import torch
 
     unique = list(dict.fromkeys(prompts))
@@ -218,8 +262,14 @@ def generate_raw(model, tokenizer, prompts: list[str], settings: DecodeSettings,
         enc = tokenizer(chunk, add_special_tokens=add_special_tokens, return_tensors="pt",
                         padding=True, padding_side="left").to(device)
         start = enc["input_ids"].shape[1]
+        contrast = None
+        if settings.contrast and negative_prompt is not None:
+            neg = tokenizer(negative_prompt, add_special_tokens=add_special_tokens,
+                            return_tensors="pt")["input_ids"].to(device)
+            contrast = IndexContrast(model, neg, start, settings.contrast, settings.plausibility)
         procs, stops = _processors(start, settings.no_repeat_ngram_size,
-                                   settings.repetition_penalty, tokenizer, settings.max_sentences)
+                                   settings.repetition_penalty, tokenizer, settings.max_sentences,
+                                   contrast)
         with torch.no_grad():
             gen = model.generate(**enc, max_new_tokens=settings.max_new_tokens, do_sample=False,
                                  num_beams=1, pad_token_id=pad, logits_processor=procs,
@@ -239,7 +289,8 @@ def decode_indices(model, tokenizer, indices: list[str], fmt: str = "chat",
     """Index strings (full indices or prefixes) → display-ready preference texts."""
     settings = settings or DecodeSettings()
     prompts = [index_prompt(i, tokenizer, fmt) for i in indices]
-    gens = generate_raw(model, tokenizer, prompts, settings, add_special_tokens=(fmt == "alpaca"))
+    gens = generate_raw(model, tokenizer, prompts, settings, add_special_tokens=(fmt == "alpaca"),
+                        negative_prompt=index_prompt("", tokenizer, fmt))
     if raw:
         return [t for t, _ in gens]
     return [clean_decoded(t, f, settings.max_sentences) for t, f in gens]

@@ -120,15 +120,62 @@ def response_loss(model, batch: dict[str, torch.Tensor], letter_ids: list[int] |
     return tok.sum() / n.sum().clamp(min=1)
 
 
+def cache_kw(model) -> str:
+    """The keyword a causal LM takes its key/value cache by: `cache` in recent transformers,
+    `past_key_values` before (and deprecated after)."""
+    import inspect
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+MIN_SHARED = 16     # a shared prefix shorter than this is not worth its own forward pass
+
+
+def common_prefix(rows: list[list[int]]) -> int:
+    """Length of the token prefix every row shares, leaving each row ≥ 1 token of its own."""
+    n = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for i in range(max(n, 0)):
+        if any(r[i] != first[i] for r in rows[1:]):
+            return i
+    return max(n, 0)
+
+
+def last_logits_shared_prefix(model, rows: list[list[int]], pad_id: int) -> torch.Tensor | None:
+    """Last-position logits [B, V] of token rows that share a prefix (the system prompt and
+    the instruction: ~66 of ~420 tokens of a ranking prompt): the prefix runs once at batch 1,
+    its KV cache is repeated for the batch and only the rows' own tokens run, left-padded
+    between the prefix and their start. RoPE attention depends on relative positions only,
+    so each row sees what it sees unbatched. None when the shared part is too short."""
+    p = common_prefix(rows)
+    if len(rows) < 2 or p < MIN_SHARED:
+        return None
+    from transformers import DynamicCache
+    device = next(model.parameters()).device
+    cache = DynamicCache(config=model.config)
+    model(input_ids=torch.tensor([rows[0][:p]], device=device), use_cache=True, logits_to_keep=1,
+          **{cache_kw(model): cache})
+    cache.batch_repeat_interleave(len(rows))
+    own = collate([{"input_ids": r[p:], "labels": r[p:]} for r in rows], pad_id)
+    mask = own["attention_mask"].to(device)                                    # [B, S]
+    position = p + (mask.cumsum(dim=1) - 1).clamp(min=0)                       # [B, S]
+    full_mask = torch.cat([torch.ones(len(rows), p, dtype=mask.dtype, device=device), mask], 1)
+    out = model(input_ids=own["input_ids"].to(device), attention_mask=full_mask,
+                position_ids=position, use_cache=True, logits_to_keep=1, **{cache_kw(model): cache})
+    return out.logits[:, -1, :]
+
+
 @torch.no_grad()
 def score_examples(model, tokenizer, examples: list[Example], fmt: str = "auto",
                    max_len: int = 1536, batch_size: int = 8, n_letters: int = 20,
-                   progress: bool = True, stats: dict | None = None
+                   progress: bool = True, stats: dict | None = None, shared_prefix: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Letter scores and probabilities [N, n_letters] for next-item prompts (no response).
 
     A prompt over max_len loses its beginning (encode): how many did is logged, and written to
-    `stats` ("prompts", "truncated") when given, so an evaluation can report it."""
+    `stats` ("prompts", "truncated") when given, so an evaluation can report it.
+    `shared_prefix` runs a batch's common token prefix once (serving; same scores up to
+    float rounding)."""
     letter_ids = letter_token_ids(tokenizer, n_letters, fmt)
     device = next(model.parameters()).device
     was_training = model.training
@@ -142,10 +189,14 @@ def score_examples(model, tokenizer, examples: list[Example], fmt: str = "auto",
         chunk = [encode(tokenizer, ex, fmt, max_len, with_response=False)
                  for ex in examples[start:start + batch_size]]
         truncated += sum(c["truncated"] for c in chunk)
-        batch = collate(chunk, pad)
-        out = model(input_ids=batch["input_ids"].to(device),
-                    attention_mask=batch["attention_mask"].to(device), logits_to_keep=1)
-        s, p = verbalize(out.logits[:, -1, :], letter_ids)
+        last = last_logits_shared_prefix(model, [c["input_ids"] for c in chunk], pad) \
+            if shared_prefix else None
+        if last is None:
+            batch = collate(chunk, pad)
+            last = model(input_ids=batch["input_ids"].to(device),
+                         attention_mask=batch["attention_mask"].to(device),
+                         logits_to_keep=1).logits[:, -1, :]
+        s, p = verbalize(last, letter_ids)
         scores.append(s.cpu())
         probs.append(p.cpu())
     if was_training:

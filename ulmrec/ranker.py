@@ -89,9 +89,10 @@ def load_task_inputs(ds, cfg) -> tuple[TaskInputs, list[str]]:
         from .data.release import RELEASE_INDEX_NOTE
         notes.append(RELEASE_INDEX_NOTE)
     inp = task_inputs(ds, index, prefs, cfg.max_title_words)
-    if getattr(cfg, "train_candidates", "random") == "retriever":
+    if getattr(cfg, "train_candidates", "random") in ("retriever", "retriever-only"):
         if cfg.retriever == "random":
-            raise ValueError("train_candidates 'retriever' needs a retriever run, not retriever 'random'")
+            raise ValueError(f"train_candidates '{cfg.train_candidates}' needs a retriever run, "
+                             "not retriever 'random'")
         frame = load_candidates(ds, cfg, "train")
         if frame.empty:
             raise ValueError(f"{ds.name}: the '{cfg.retriever}' candidates have no train rows (made "

@@ -36,10 +36,12 @@ class TaskConfig:
     max_prefixes_per_user: int = field(default=0, metadata={
         "help": "next-item training prefixes per user, most recent first (0 = all)"})
     train_candidates: str = field(default="random", metadata={
-        "help": "next-item training candidates: random (target + 19 random items) or retriever "
+        "help": "next-item training candidates: random (target + 19 random items), retriever "
                 "(the retriever's top-20 for the last training item, in retriever order, where "
-                "it holds the target: the hard lists test prompts have, as LlamaRec trains)",
-        "choices": ("random", "retriever")})
+                "it holds the target: the hard lists test prompts have; other prefixes random) "
+                "or retriever-only (only those hard prompts: every next-item example looks like "
+                "a test prompt, as LlamaRec trains; on games 8,629 of 15,264 users)",
+        "choices": ("random", "retriever", "retriever-only")})
     no_history: bool = field(default=False, metadata={
         "help": "ULMRec-uid: next-item prompts show the index and candidates only"})
     index_prefix_examples: float = field(default=0.0, metadata={
@@ -218,13 +220,16 @@ def training_examples(inp: TaskInputs, cfg: TaskConfig) -> list[Example]:
     for user, seq in inp.train.items():
         user = int(user)
         if "next_item" in pools:
+            only_hard = cfg.train_candidates == "retriever-only"
             ends = range(len(seq) - 1, 0, -1)
-            if cfg.max_prefixes_per_user:
-                ends = list(ends)[: cfg.max_prefixes_per_user]
+            if cfg.max_prefixes_per_user or only_hard:
+                ends = list(ends)[: 1 if only_hard else cfg.max_prefixes_per_user]
             for end in ends:
                 target, history = seq[end], seq[:end]
                 hard = (_retrieved(inp, user, target, cfg.num_candidates, rng)
                         if end == len(seq) - 1 else None)
+                if only_hard and hard is None:
+                    continue
                 cands = hard or _sample_candidates(
                     rng, target, _seen(inp, user, history), inp.num_items, cfg.num_candidates)
                 pools["next_item"].append(

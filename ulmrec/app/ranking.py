@@ -34,9 +34,10 @@ class RankBatcher:
     """One forward pass for the ranking requests that wait together.
 
     The first caller to find the model idle becomes the leader: it takes the waiting
-    requests (up to `max_batch`; with and without history in separate batches), runs them,
-    hands each caller its frame, and repeats until nothing waits. Followers just wait for
-    their result. No timer: a request that finds the model idle never waits for company.
+    requests (with and without history apart), orders them by prompt length, runs them in
+    batches of up to `max_batch` of similar length (less padding), hands each caller its
+    frame as its batch ends, and repeats until nothing waits. Followers just wait for their
+    result. No timer: a request that finds the model idle never waits for company.
     A user ranked before is answered from a small cache (every visitor's first screen ranks
     the same start user)."""
 
@@ -69,23 +70,43 @@ class RankBatcher:
                     self._running = False
                     return
                 flag = self._pending[0][1]
-                take = [r for r in self._pending if r[1] == flag][: self.max_batch]
-                self._pending = [r for r in self._pending if not any(r is x for x in take)]
-            users = [u for u, _, _ in take]
+                taken = [r for r in self._pending if r[1] == flag]
+                self._pending = [r for r in self._pending if r[1] != flag]
             try:
-                frames = self.bundle.rank(users, no_history=flag, batch_size=len(users))
-            except BaseException as e:          # every waiting caller sees the failure
-                for _, _, fut in take:
-                    fut.set_exception(e)
+                taken = self._by_length(taken, flag)
+            except BaseException as e:
+                self._fail(taken, e)
                 continue
-            self.batches.append(len(users))
-            with self._lock:
-                for u, frame in zip(users, frames):
-                    self._cache[(u, flag)] = frame
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
-            for (_, _, fut), frame in zip(take, frames):
-                fut.set_result(frame.copy())
+            for start in range(0, len(taken), self.max_batch):
+                self._run(taken[start:start + self.max_batch], flag)
+
+    def _by_length(self, taken: list, flag: bool) -> list:
+        lengths = getattr(self.bundle, "prompt_lengths", None)
+        if len(taken) <= self.max_batch or lengths is None:
+            return taken
+        n = lengths([u for u, _, _ in taken], no_history=flag)
+        return [r for _, r in sorted(zip(n, taken), key=lambda x: x[0])]
+
+    @staticmethod
+    def _fail(take: list, e: BaseException) -> None:
+        for _, _, fut in take:                  # every waiting caller sees the failure
+            fut.set_exception(e)
+
+    def _run(self, take: list, flag: bool) -> None:
+        users = [u for u, _, _ in take]
+        try:
+            frames = self.bundle.rank(users, no_history=flag, batch_size=len(users))
+        except BaseException as e:
+            self._fail(take, e)
+            return
+        self.batches.append(len(users))
+        with self._lock:
+            for u, frame in zip(users, frames):
+                self._cache[(u, flag)] = frame
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        for (_, _, fut), frame in zip(take, frames):
+            fut.set_result(frame.copy())
 
 
 def batcher(data: AppData) -> RankBatcher:

@@ -6,7 +6,7 @@ import threading
 import torch
 from tqdm.auto import tqdm
 
-from ..model import collate, encode
+from ..model import cache_kw, collate, encode
 from ..tasks import Example
 from .tasks import LcRecData, seq_example
 from .trie import build_trie, item_token_ids, prefix_fn
@@ -48,7 +48,7 @@ def generate_topn(model, tok, examples: list[Example], token_items: dict[tuple[i
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         extra = {}
         if share_prompt and len(chunk) == 1 and width > 1:
-            extra[_cache_kw(model)] = prompt_cache(model, ids[:, :-1], mask[:, :-1], beams)
+            extra[cache_kw(model)] = prompt_cache(model, ids[:, :-1], mask[:, :-1], beams)
         out = model.generate(
             input_ids=ids, attention_mask=mask, **extra,
             num_beams=beams, num_return_sequences=beams, max_new_tokens=depth, do_sample=False,
@@ -83,17 +83,9 @@ def prompt_cache(model, ids: torch.Tensor, mask: torch.Tensor, copies: int):
     from transformers import DynamicCache
     cache = DynamicCache(config=model.config)
     model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1,
-          **{_cache_kw(model): cache})
+          **{cache_kw(model): cache})
     cache.batch_repeat_interleave(copies)
     return cache
-
-
-def _cache_kw(model) -> str:
-    """The keyword a causal LM takes its key/value cache by: `cache` in recent transformers,
-    `past_key_values` before (and deprecated after)."""
-    import inspect
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 _CATALOGUE: dict[tuple[int, int], tuple] = {}

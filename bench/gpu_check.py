@@ -1,4 +1,4 @@
-"""One GPU check, ready before a GPU is at hand (issue 19). No network, only this repository.
+"""One GPU check, ready before a GPU is at hand. No network, only this repository.
 
     python bench/gpu_check.py                    # on one CUDA GPU: < 10 min on an H100/H200
     python bench/gpu_check.py --cpu-rehearsal    # everything that needs no CUDA, < 1 min

@@ -68,7 +68,7 @@ class DecodeBenchConfig:
     no_repeat_ngram_size: int = 3
     repetition_penalty: float = 1.15
     batch_size: int = field(default=32, metadata={"help": "prompts per generate call"})
-    contrast: float = field(default=0.0, metadata={
+    contrast: float = field(default=DecodeSettings.contrast, metadata={
         "help": "index contrast weight w (0 = plain greedy): log p(y|index) + w·(log p(y|index)"
                 " − log p(y|no index)) over plausible tokens (ulmrec.decode.IndexContrast)"})
     plausibility: float = field(default=0.1, metadata={

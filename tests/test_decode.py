@@ -345,3 +345,22 @@ def test_index_contrast_matches_a_recomputed_no_index_branch():
         assert torch.allclose(got[keep], (cond + w * (cond - uncond))[keep], atol=1e-5)
         assert (keep.sum(dim=-1) < 50).all()                     # the floor dropped tokens
         ids = torch.cat([ids, got.argmax(dim=-1, keepdim=True)], dim=1)
+
+
+def test_contrast_fragments_are_decoded_again_plainly(monkeypatch):
+    """A text that index contrast left without one complete sentence is replaced by the plain
+    greedy text of the same prompt; complete texts keep their contrast version."""
+    import ulmrec.decode as dec
+    calls = []
+
+    def fake(model, tok, prompts, settings, add_special_tokens=False, negative_prompt=None):
+        calls.append((list(prompts), settings.contrast))
+        if settings.contrast:
+            return [("Likes racing games. Owns a Wii.", False) if "a_1" in p else
+                    ("Wilder's, Flavor's and Wildernumerable) autonom_", False) for p in prompts]
+        return [("Likes gift cards from restaurants.", True) for _ in prompts]
+    monkeypatch.setattr(dec, "generate_raw", fake)
+    monkeypatch.setattr(dec, "index_prompt", lambda i, tok, fmt: f"User index: {i}")
+    out = dec.decode_indices(None, None, ["<a_1>", "<a_2>"], "plain", dec.DecodeSettings())
+    assert out == ["Likes racing games. Owns a Wii.", "Likes gift cards from restaurants."]
+    assert calls == [(["User index: <a_1>", "User index: <a_2>"], 1.0), (["User index: <a_2>"], 0.0)]

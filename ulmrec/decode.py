@@ -290,9 +290,20 @@ def decode_indices(model, tokenizer, indices: list[str], fmt: str = "chat",
                    settings: DecodeSettings | None = None, raw: bool = False) -> list[str]:
     """Index strings (full indices or prefixes) → display-ready preference texts."""
     settings = settings or DecodeSettings()
+    from dataclasses import replace
     prompts = [index_prompt(i, tokenizer, fmt) for i in indices]
-    gens = generate_raw(model, tokenizer, prompts, settings, add_special_tokens=(fmt == "alpaca"),
+    special = fmt == "alpaca"
+    gens = generate_raw(model, tokenizer, prompts, settings, add_special_tokens=special,
                         negative_prompt=index_prompt("", tokenizer, fmt))
+    # contrast can drift into fragments on a weak adapter: a text that never completed a
+    # sentence is written again plainly (greedy, no contrast) rather than shown cut
+    redo = [k for k, (t, f) in enumerate(gens)
+            if settings.contrast and not f and not sentence_ends(strip_markdown(t))]
+    if redo:
+        plain = generate_raw(model, tokenizer, [prompts[k] for k in redo],
+                             replace(settings, contrast=0.0), add_special_tokens=special)
+        for k, g in zip(redo, plain):
+            gens[k] = g
     if raw:
         return [t for t, _ in gens]
     return [clean_decoded(t, f, settings.max_sentences) for t, f in gens]

@@ -365,6 +365,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _burst(batcher, calls: list, gate, jobs: list, timeout: float = 10) -> None:
+    """Run `jobs` (each one rank call) so that the first occupies the model, held at `gate`
+    by the fake bundle, until all the others wait in the batcher's queue; then release it."""
+    import threading
+    threads = [threading.Thread(target=job) for job in jobs]
+    threads[0].start()
+    while not calls:
+        pass
+    for th in threads[1:]:
+        th.start()
+    while len(batcher._pending) < len(threads) - 1:
+        pass
+    gate.set()
+    for th in threads:
+        th.join(timeout)
+
+
 def test_batcher_shares_one_forward_pass_and_matches_single_requests(data):
     import threading
 
@@ -387,18 +404,8 @@ def test_batcher_shares_one_forward_pass_and_matches_single_requests(data):
             return real(us, **kw)
     b = RankBatcher(Slow(), max_batch=6)
     out = {}
-    threads = [threading.Thread(target=lambda u=u, f=f: out.__setitem__((u, f), b.rank(u, f)))
-               for u in users for f in (False, True)]
-    threads[0].start()
-    while not calls:
-        pass
-    for th in threads[1:]:
-        th.start()
-    while len(b._pending) < len(threads) - 1:
-        pass
-    gate.set()
-    for th in threads:
-        th.join(60)
+    _burst(b, calls, gate, [lambda u=u, f=f: out.__setitem__((u, f), b.rank(u, f))
+                            for u in users for f in (False, True)], timeout=60)
     # the first request ran alone; the 11 that waited went as 2 batches (with / without history)
     assert [len(c) for c in calls] == [1, 5, 6] or [len(c) for c in calls] == [1, 6, 5]
     for u in users:
@@ -427,17 +434,7 @@ def test_batcher_groups_waiting_requests_by_prompt_length():
             return [pd.DataFrame({"user": [u]}) for u in users]
     b = RankBatcher(Fake(), max_batch=3, cache=0)
     out = {}
-    threads = [threading.Thread(target=lambda u=u: out.__setitem__(u, b.rank(u))) for u in Fake.length]
-    threads[0].start()
-    while not calls:
-        pass
-    for th in threads[1:]:
-        th.start()
-    while len(b._pending) < len(threads) - 1:
-        pass
-    gate.set()
-    for th in threads:
-        th.join(10)
+    _burst(b, calls, gate, [lambda u=u: out.__setitem__(u, b.rank(u)) for u in Fake.length])
     assert calls == [[1], [5, 3, 7], [4, 2, 6]]          # 55, 60, 300 | 390, 400, 410 tokens
     assert all(int(out[u]["user"].iloc[0]) == u for u in Fake.length)
 

@@ -19,7 +19,7 @@ Three parts, used by the bundle (`Bundle.decode_many`), the app's ladder and `be
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -259,16 +259,17 @@ def generate_raw(model, tokenizer, prompts: list[str], settings: DecodeSettings,
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
     out: dict[str, tuple[str, bool]] = {}
+    negative = None
+    if settings.contrast and negative_prompt is not None:
+        negative = tokenizer(negative_prompt, add_special_tokens=add_special_tokens,
+                             return_tensors="pt")["input_ids"].to(device)
     for s in range(0, len(order), max(1, settings.batch_size)):
         chunk = [unique[i] for i in order[s:s + settings.batch_size]]
         enc = tokenizer(chunk, add_special_tokens=add_special_tokens, return_tensors="pt",
                         padding=True, padding_side="left").to(device)
         start = enc["input_ids"].shape[1]
-        contrast = None
-        if settings.contrast and negative_prompt is not None:
-            neg = tokenizer(negative_prompt, add_special_tokens=add_special_tokens,
-                            return_tensors="pt")["input_ids"].to(device)
-            contrast = IndexContrast(model, neg, start, settings.contrast, settings.plausibility)
+        contrast = None if negative is None else \
+            IndexContrast(model, negative, start, settings.contrast, settings.plausibility)
         procs, stops = _processors(start, settings.no_repeat_ngram_size,
                                    settings.repetition_penalty, tokenizer, settings.max_sentences,
                                    contrast)
@@ -290,7 +291,6 @@ def decode_indices(model, tokenizer, indices: list[str], fmt: str = "chat",
                    settings: DecodeSettings | None = None, raw: bool = False) -> list[str]:
     """Index strings (full indices or prefixes) → display-ready preference texts."""
     settings = settings or DecodeSettings()
-    from dataclasses import replace
     prompts = [index_prompt(i, tokenizer, fmt) for i in indices]
     special = fmt == "alpaca"
     gens = generate_raw(model, tokenizer, prompts, settings, add_special_tokens=special,

@@ -128,6 +128,17 @@ def cache_kw(model) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
+def prompt_cache(model, ids: torch.Tensor, mask: torch.Tensor, copies: int):
+    """The key/value cache of `ids` [1, L] (one prompt), repeated for `copies` rows: what
+    follows it then runs once per row on top of a prefix that ran once."""
+    from transformers import DynamicCache
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1,
+          **{cache_kw(model): cache})
+    cache.batch_repeat_interleave(copies)
+    return cache
+
+
 MIN_SHARED = 16     # a shared prefix shorter than this is not worth its own forward pass
 
 
@@ -150,12 +161,9 @@ def last_logits_shared_prefix(model, rows: list[list[int]], pad_id: int) -> torc
     p = common_prefix(rows)
     if len(rows) < 2 or p < MIN_SHARED:
         return None
-    from transformers import DynamicCache
     device = next(model.parameters()).device
-    cache = DynamicCache(config=model.config)
-    model(input_ids=torch.tensor([rows[0][:p]], device=device), use_cache=True, logits_to_keep=1,
-          **{cache_kw(model): cache})
-    cache.batch_repeat_interleave(len(rows))
+    prefix = torch.tensor([rows[0][:p]], device=device)
+    cache = prompt_cache(model, prefix, torch.ones_like(prefix), len(rows))
     own = collate([{"input_ids": r[p:], "labels": r[p:]} for r in rows], pad_id)
     mask = own["attention_mask"].to(device)                                    # [B, S]
     position = p + (mask.cumsum(dim=1) - 1).clamp(min=0)                       # [B, S]

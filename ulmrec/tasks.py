@@ -217,13 +217,14 @@ def training_examples(inp: TaskInputs, cfg: TaskConfig) -> list[Example]:
     if unknown:
         raise ValueError(f"unknown task(s) {sorted(unknown)}; known: {TASKS}")
     pools: dict[str, list[Example]] = {t: [] for t in cfg.tasks}
+    only_hard = cfg.train_candidates == "retriever-only"     # the last prefix, hard lists only
+    prefixes = 1 if only_hard else cfg.max_prefixes_per_user
     for user, seq in inp.train.items():
         user = int(user)
         if "next_item" in pools:
-            only_hard = cfg.train_candidates == "retriever-only"
             ends = range(len(seq) - 1, 0, -1)
-            if cfg.max_prefixes_per_user or only_hard:
-                ends = list(ends)[: 1 if only_hard else cfg.max_prefixes_per_user]
+            if prefixes:
+                ends = list(ends)[:prefixes]
             for end in ends:
                 target, history = seq[end], seq[:end]
                 hard = (_retrieved(inp, user, target, cfg.num_candidates, rng)

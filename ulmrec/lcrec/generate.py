@@ -6,7 +6,7 @@ import threading
 import torch
 from tqdm.auto import tqdm
 
-from ..model import cache_kw, collate, encode
+from ..model import cache_kw, collate, encode, prompt_cache
 from ..tasks import Example
 from .tasks import LcRecData, seq_example
 from .trie import build_trie, item_token_ids, prefix_fn
@@ -48,6 +48,8 @@ def generate_topn(model, tok, examples: list[Example], token_items: dict[tuple[i
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         extra = {}
         if share_prompt and len(chunk) == 1 and width > 1:
+            # all but the last prompt token once, for every beam: generate then runs only the
+            # last token per beam before the first search step
             extra[cache_kw(model)] = prompt_cache(model, ids[:, :-1], mask[:, :-1], beams)
         out = model.generate(
             input_ids=ids, attention_mask=mask, **extra,
@@ -75,17 +77,6 @@ def generate_topn(model, tok, examples: list[Example], token_items: dict[tuple[i
     if was_training:
         model.train()
     return results, stats
-
-
-def prompt_cache(model, ids: torch.Tensor, mask: torch.Tensor, copies: int):
-    """The key/value cache of one prompt (all but its last token), repeated for `copies` beams:
-    generate then runs only the last prompt token per beam before the first search step."""
-    from transformers import DynamicCache
-    cache = DynamicCache(config=model.config)
-    model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1,
-          **{cache_kw(model): cache})
-    cache.batch_repeat_interleave(copies)
-    return cache
 
 
 _CATALOGUE: dict[tuple[int, int], tuple] = {}

@@ -364,3 +364,11 @@ def test_contrast_fragments_are_decoded_again_plainly(monkeypatch):
     out = dec.decode_indices(None, None, ["<a_1>", "<a_2>"], "plain", dec.DecodeSettings())
     assert out == ["Likes racing games. Owns a Wii.", "Likes gift cards from restaurants."]
     assert calls == [(["User index: <a_1>", "User index: <a_2>"], 1.0), (["User index: <a_2>"], 0.0)]
+
+
+def test_decode_settings_refuse_a_bad_contrast():
+    from ulmrec.decode import DecodeSettings
+    with pytest.raises(ValueError, match="contrast must be"):
+        DecodeSettings(contrast=-1)
+    with pytest.raises(ValueError, match="plausibility must be"):
+        DecodeSettings(plausibility=0)

@@ -41,6 +41,12 @@ class DecodeSettings:
     contrast: float = 1.0
     plausibility: float = 0.1
 
+    def __post_init__(self):
+        if self.contrast < 0:
+            raise ValueError(f"contrast must be ≥ 0 (0 = plain greedy), got {self.contrast}")
+        if not 0 < self.plausibility <= 1:
+            raise ValueError(f"plausibility must be in (0, 1], got {self.plausibility}")
+
 
 INDEX_INPUT = "User index: {index}"   # the input line of index_to_pref (ulmrec.tasks)
 

@@ -334,6 +334,53 @@ def test_decode_section_is_a_second_finetune_run_that_export_carries(monkeypatch
     assert "decode" not in pipeline.build_sections(spec, PipelineConfig(), pipeline.STAGES, None)["export"]
 
 
+def test_refine_section_continues_the_finetune_run_and_is_what_evaluate_and_export_take(
+        monkeypatch, tmp_path):
+    if not (data_root() / SOURCES["gift-cards"][1]).is_dir():
+        pytest.skip("shared data not found")
+    monkeypatch.setenv("ULMREC_RUNS", str(tmp_path))
+    spec = {"dataset": "gift-cards",
+            "finetune": {"run_name": "six", "max_steps": 80, "max_history": 10, "output_dir": "x"},
+            "refine": {"tasks": ["next_item"], "task_ratio": [1], "max_steps": 30},
+            "evaluate": {"runs": ["six-refine"]}, "export": {}}
+    sections = pipeline.build_sections(spec, PipelineConfig(), pipeline.STAGES, None)
+    refine = sections["refine"]
+    assert refine["run_name"] == "six-refine" and refine["max_steps"] == 30
+    assert refine["max_history"] == 10 and "output_dir" not in refine   # its own folder
+    assert refine["init_from"] == str(Path("x") / "best")               # the finetune run's best
+    assert sections["evaluate"]["max_history"] == 10
+    assert sections["export"]["run_name"] == "six-refine"
+    names = [s.name for s in pipeline.STAGES]
+    assert names.index("finetune") < names.index("refine") < names.index("evaluate")
+    spec["refine"]["run_name"] = "six"     # would overwrite the run it starts from
+    with pytest.raises(PipelineError, match="its own"):
+        pipeline.build_sections(spec, PipelineConfig(), pipeline.STAGES, None)
+    del spec["finetune"]
+    with pytest.raises(PipelineError, match="finetune section"):
+        pipeline.build_sections(spec, PipelineConfig(), pipeline.STAGES, None)
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_pipeline_yaml_in_configs_builds(path, monkeypatch, tmp_path):
+    """A checked-in pipeline YAML whose keys no longer fit its stages fails here, not an hour
+    into a run."""
+    from ulmrec.config import load_yaml
+    spec = load_yaml(path)
+    names = {s.name for s in pipeline.STAGES}
+    if not names & set(spec):
+        pytest.skip("a single stage's config, not a pipeline")
+    monkeypatch.setenv("ULMREC_RUNS", str(tmp_path))
+    sections = pipeline.build_sections(spec, PipelineConfig(), pipeline.STAGES, path)
+    if path.name == "cpu-best.yaml":   # the two-stage ranker the games demo bundles
+        assert sections["refine"]["init_from"] == str(tmp_path / "games" / "finetune" / "ulmrec-long" / "best")
+        assert sections["refine"]["tasks"] == ["next_item"] and sections["refine"]["max_len"] == 768
+        assert sections["export"]["run_name"] == sections["refine"]["run_name"] == "ulmrec-staged"
+        assert sections["evaluate"]["runs"] == ["ulmrec-staged"]
+
+
 def test_run_help_names_the_command_and_the_from_flag(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["run", "--help"])

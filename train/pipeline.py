@@ -5,15 +5,19 @@
     python -m train run --config configs/demo.yaml --from finetune   # redo finetune and after
     python -m train run --config configs/demo.yaml --only evaluate   # this stage alone, forced
 
-Stages, in order: data → retrieve → index → preferences → finetune → evaluate → lcrec →
-decode → export (lcrec, the LC-Rec baseline of train/lcrec.py, is optional: with a section, the
-bundle carries it as the app's whole-catalogue mode; decode, also optional, is a second
-train.finetune run, by default `run_name: decode`, whose index → preference adapter the bundle
-carries as decode/ for the app's decode panel, docs/decode.md).
+Stages, in order: data → retrieve → index → preferences → finetune → refine → evaluate →
+lcrec → decode → export (lcrec, the LC-Rec baseline of train/lcrec.py, is optional: with a
+section, the bundle carries it as the app's whole-catalogue mode; refine, also optional, is a
+second train.finetune run that starts from the finetune run's best adapter (e.g. next-item
+prompts only after the six-task mix, docs/ranker.md), takes every finetune key it does not set
+itself, is named `<finetune run>-refine` by default, and is the run evaluate and export then
+take; decode, also optional, is a train.finetune run of its own, by default `run_name: decode`,
+whose index → preference adapter the bundle carries as decode/ for the app's decode panel,
+docs/decode.md).
 The YAML holds `dataset:` (and `seed:`) at the top and one mapping per stage with that
 stage's own config keys; a stage without a section, or with `skip: true`, does not run.
 `dataset` reaches every stage and `seed` every stage that has one; evaluate takes the ranker
-keys it shares with finetune, export takes finetune's run_name and evaluate's results_dir
+keys it shares with finetune (or refine), export takes that run's run_name and evaluate's results_dir
 (and the pipeline YAML as its config_file) and lcrec's run folder, unless a section sets
 them itself.
 
@@ -146,6 +150,7 @@ STAGES = (
     Stage("index", "train.index", "IndexConfig", _index_outputs),
     Stage("preferences", "train.preferences", "PreferenceConfig", _preferences_outputs),
     Stage("finetune", "train.finetune", "FinetuneConfig", _finetune_outputs),
+    Stage("refine", "train.finetune", "FinetuneConfig", _finetune_outputs),
     Stage("evaluate", "train.evaluate", "EvaluateConfig", _evaluate_outputs),
     Stage("lcrec", "train.lcrec", "LcRecConfig", _lcrec_outputs),
     # after the ranker's stages: a changed decode run re-exports, nothing more
@@ -154,10 +159,13 @@ STAGES = (
 )
 
 # (stage, earlier stage, keys not to take): a stage takes every key it shares with the earlier
-# section unless it sets it itself. evaluate builds finetune's prompts (batch_size means
-# something else there); export bundles finetune's run and evaluate's results.
-SHARES = (("evaluate", "finetune", {"batch_size"}), ("export", "finetune", set()),
-          ("export", "evaluate", set()))
+# section unless it sets it itself; the first pair that sets a key wins. refine continues
+# finetune's run under its own name and folder; evaluate builds the ranker's prompts
+# (batch_size means something else there); export bundles the ranker run (refine's when there
+# is one) and evaluate's results.
+SHARES = (("refine", "finetune", {"run_name", "init_from", "output_dir"}),
+          ("evaluate", "refine", {"batch_size"}), ("evaluate", "finetune", {"batch_size"}),
+          ("export", "refine", set()), ("export", "finetune", set()), ("export", "evaluate", set()))
 # how a stage runs, not what it makes: changing them must not throw a finished run away
 NOT_IN_KEY = {"resume", "threads", "stop_after"}
 TOP_LEVEL = {"dataset", "seed"}
@@ -223,6 +231,18 @@ def build_sections(spec: dict, cfg: PipelineConfig, stages, config_path: Path | 
         if config_path is not None and "config_file" in fields[stage.name]:
             section.setdefault("config_file", str(Path(config_path).resolve()))
         sections[stage.name] = section
+    if sections.get("refine") is not None:
+        if sections.get("finetune") is None:
+            raise PipelineError("stage refine: it continues the finetune stage's run; "
+                                "give the YAML a finetune section")
+        from train.finetune import FinetuneConfig, run_dir
+        first = sections["finetune"].get("run_name", "ulmrec")
+        sections["refine"].setdefault("run_name", f"{first}-refine")
+        if sections["refine"]["run_name"] == first:
+            raise PipelineError(f"stage refine: run_name {first!r} is the finetune stage's; "
+                                "give the refined run its own")
+        sections["refine"].setdefault(
+            "init_from", str(run_dir(from_dict(FinetuneConfig, sections["finetune"])) / "best"))
     for dst, src, keep_out in SHARES:
         if sections.get(dst) is not None and sections.get(src) is not None:
             for k, v in sections[src].items():
@@ -235,10 +255,11 @@ def build_sections(spec: dict, cfg: PipelineConfig, stages, config_path: Path | 
         sections["export"].setdefault("lcrec", str(model_dir(lcrec, dataset_name(dataset))))
     if sections.get("decode") is not None:
         sections["decode"].setdefault("run_name", "decode")
-        if sections.get("finetune") is not None and \
-                sections["decode"]["run_name"] == sections["finetune"].get("run_name", "ulmrec"):
-            raise PipelineError(f"stage decode: run_name {sections['decode']['run_name']!r} is the "
-                                "finetune stage's; give the decode run its own")
+        for ranker in ("finetune", "refine"):
+            if sections.get(ranker) is not None and \
+                    sections["decode"]["run_name"] == sections[ranker].get("run_name", "ulmrec"):
+                raise PipelineError(f"stage decode: run_name {sections['decode']['run_name']!r} is "
+                                    f"the {ranker} stage's; give the decode run its own")
         if sections.get("export") is not None:
             sections["export"].setdefault("decode", sections["decode"]["run_name"])
     # YAML → JSON-able plain values (tuples would not survive yaml.safe_dump)

@@ -2,6 +2,8 @@
 bootstrap confidence interval, for the quality ordering (ULMRec > LlamaRec > retriever order).
 
     python bench/paired.py --dataset games --runs ulmrec-hard llamarec-hard llamarec-hard120
+    python bench/paired.py --dataset games --runs ulmrec-staged ulmrec-staged-s43 \
+        --ensemble ulmrec-staged,ulmrec-staged-s43      # + their averaged letter log-probs
 
 Reads the per-user predictions `train.evaluate` leaves beside each run's adapter
 (runs/<dataset>/finetune/<run>/test_predictions.parquet: user, candidates in retriever order,
@@ -49,6 +51,13 @@ def fused_per_user(frame: pd.DataFrame, lam: float) -> np.ndarray:
     return ndcg_per_user(target_ranks(fuse(probs, retr, lam), pos), 10)
 
 
+def ensemble_per_user(frames: list[pd.DataFrame]) -> np.ndarray:
+    """NDCG@10 per user of the runs' letter log-probabilities averaged (same users, same lists)."""
+    pos, _ = _targets_and_probs(frames[0])
+    logp = [np.log(np.clip(_targets_and_probs(f)[1], 1e-30, None)) for f in frames]
+    return ndcg_per_user(target_ranks(np.mean(logp, axis=0), pos), 10)
+
+
 def bootstrap(diff: np.ndarray, n: int = 10_000, seed: int = 0) -> tuple[float, float]:
     rng = np.random.default_rng(seed)
     means = diff[rng.integers(0, len(diff), size=(n, len(diff)))].mean(axis=1)
@@ -59,6 +68,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="games")
     ap.add_argument("--runs", nargs="+", required=True)
+    ap.add_argument("--ensemble", nargs="*", default=[], metavar="RUN,RUN[,...]",
+                    help="add a system averaging these runs' letter log-probabilities")
     ap.add_argument("--bootstrap", type=int, default=10_000)
     ap.add_argument("--out", default=None, help="JSON of the pairs (default results/paired-<dataset>.json)")
     args = ap.parse_args(argv)
@@ -81,6 +92,19 @@ def main(argv=None) -> int:
         if fit.exists() and "retriever_scores" in f:       # λ fitted on validation users
             lam = json.loads(fit.read_text())["lambda"]
             scores[f"{run} + retriever prior"] = fused_per_user(f.loc[users].reset_index(), lam)
+    for spec in args.ensemble:
+        members = spec.split(",")
+        unknown = [m for m in members if m not in frames]
+        if len(members) < 2 or unknown:
+            print(f"error: --ensemble {spec}: name two or more of --runs"
+                  + (f" (not among them: {', '.join(unknown)})" if unknown else ""), file=sys.stderr)
+            return 2
+        if any(list(frames[m].loc[users, "candidates"].map(list)) !=
+               list(frames[members[0]].loc[users, "candidates"].map(list)) for m in members):
+            print(f"error: --ensemble {spec}: the runs ranked different candidate lists", file=sys.stderr)
+            return 2
+        scores[f"ensemble of {' + '.join(members)}"] = ensemble_per_user(
+            [frames[m].loc[users].reset_index() for m in members])
     print(f"{args.dataset}: {len(users)} users ranked by every run (target among the 20)\n")
     print("| system | Rank NDCG@10 |")
     print("|---|---:|")

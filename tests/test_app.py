@@ -326,6 +326,16 @@ def test_overview_says_who_and_prints_no_machine_path(data):
         {n for r in data.bundle.metrics["results"].values() for n in r.get("notes", [])})
 
 
+def test_demo_line_says_when_the_served_ranker_is_not_the_evaluated_one(data):
+    import dataclasses
+
+    from ulmrec.app.ui import _demo_line
+    assert "int8" not in _demo_line(data) and "bfloat16" not in _demo_line(data)
+    line = _demo_line(dataclasses.replace(data, int8=True))
+    assert "**int8**" in line and "float32" in line
+    assert "bfloat16" in _demo_line(dataclasses.replace(data, bf16=True))
+
+
 def test_start_user_random_and_filters(data):
     from ulmrec.app import logic, ui
     start = logic.start_user(data)

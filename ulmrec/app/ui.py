@@ -187,7 +187,17 @@ def _demo_line(data: AppData) -> str:
     ds = m.get("dataset", {})
     return (f"Demo: **{ds.get('name', '?')}** ({ds.get('users', '?')} users, {ds.get('items', '?')} "
             "items). Serve another one with `python app.py --bundle <folder or Hub repo>` "
-            "(`make demo DEMO=games` / `DEMO=gift-cards`).")
+            "(`make demo DEMO=games` / `DEMO=gift-cards`)." + _precision_note(data))
+
+
+def _precision_note(data: AppData) -> str:
+    """Say when the served model is not the one the Overview's numbers evaluate."""
+    if data.int8:
+        return (" The ranker is served in **int8** for speed; the Overview's numbers are the "
+                "float32 model's, which `python app.py` without `--int8` serves.")
+    if data.bf16:
+        return " The ranker is served in **bfloat16** (the Overview's numbers are float32's)."
+    return ""
 
 
 def build_demo(data: AppData) -> gr.Blocks:

@@ -53,9 +53,10 @@ def fused_per_user(frame: pd.DataFrame, lam: float) -> np.ndarray:
 
 def ensemble_per_user(frames: list[pd.DataFrame]) -> np.ndarray:
     """NDCG@10 per user of the runs' letter log-probabilities averaged (same users, same lists)."""
-    pos, _ = _targets_and_probs(frames[0])
-    logp = [np.log(np.clip(_targets_and_probs(f)[1], 1e-30, None)) for f in frames]
-    return ndcg_per_user(target_ranks(np.mean(logp, axis=0), pos), 10)
+    from ulmrec.fusion import letter_log_probs
+    parts = [_targets_and_probs(f) for f in frames]
+    logp = np.mean([letter_log_probs(probs) for _, probs in parts], axis=0)     # [U, K]
+    return ndcg_per_user(target_ranks(logp, parts[0][0]), 10)
 
 
 def bootstrap(diff: np.ndarray, n: int = 10_000, seed: int = 0) -> tuple[float, float]:

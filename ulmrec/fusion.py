@@ -22,11 +22,16 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
 
 
+def letter_log_probs(llm_probs: np.ndarray) -> np.ndarray:
+    """log of letter probabilities [U, K], a zero probability floored instead of -inf."""
+    return np.log(np.clip(np.asarray(llm_probs, dtype=np.float64), 1e-30, None))
+
+
 def fuse(llm_probs: np.ndarray, retriever_scores: np.ndarray, lam: float) -> np.ndarray:
     """Fused scores [U, K] from letter probabilities [U, K] and the retriever's scores [U, K]
     (both in the candidates' letter order)."""
-    llm = np.log(np.clip(np.asarray(llm_probs, dtype=np.float64), 1e-30, None))
-    return llm + lam * _log_softmax(np.asarray(retriever_scores, dtype=np.float64))
+    retr = _log_softmax(np.asarray(retriever_scores, dtype=np.float64))
+    return letter_log_probs(llm_probs) + lam * retr
 
 
 def rank_ndcg(scores: np.ndarray, target_pos: np.ndarray, k: int = 10) -> np.ndarray:

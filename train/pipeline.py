@@ -238,9 +238,7 @@ def build_sections(spec: dict, cfg: PipelineConfig, stages, config_path: Path | 
         from train.finetune import FinetuneConfig, run_dir
         first = sections["finetune"].get("run_name", "ulmrec")
         sections["refine"].setdefault("run_name", f"{first}-refine")
-        if sections["refine"]["run_name"] == first:
-            raise PipelineError(f"stage refine: run_name {first!r} is the finetune stage's; "
-                                "give the refined run its own")
+        _own_run_name(sections, "refine", "finetune")
         sections["refine"].setdefault(
             "init_from", str(run_dir(from_dict(FinetuneConfig, sections["finetune"])) / "best"))
     for dst, src, keep_out in SHARES:
@@ -255,15 +253,20 @@ def build_sections(spec: dict, cfg: PipelineConfig, stages, config_path: Path | 
         sections["export"].setdefault("lcrec", str(model_dir(lcrec, dataset_name(dataset))))
     if sections.get("decode") is not None:
         sections["decode"].setdefault("run_name", "decode")
-        for ranker in ("finetune", "refine"):
-            if sections.get(ranker) is not None and \
-                    sections["decode"]["run_name"] == sections[ranker].get("run_name", "ulmrec"):
-                raise PipelineError(f"stage decode: run_name {sections['decode']['run_name']!r} is "
-                                    f"the {ranker} stage's; give the decode run its own")
+        _own_run_name(sections, "decode", "finetune", "refine")
         if sections.get("export") is not None:
             sections["export"].setdefault("decode", sections["decode"]["run_name"])
     # YAML → JSON-able plain values (tuples would not survive yaml.safe_dump)
     return {k: json.loads(json.dumps(v)) for k, v in sections.items()}
+
+
+def _own_run_name(sections: dict, stage: str, *others: str) -> None:
+    """Two stages writing one runs/<dataset>/finetune/<run_name> would overwrite each other."""
+    name = sections[stage]["run_name"]
+    for other in others:
+        if sections.get(other) is not None and sections[other].get("run_name", "ulmrec") == name:
+            raise PipelineError(f"stage {stage}: run_name {name!r} is the {other} stage's; "
+                                f"give the {stage} run its own")
 
 
 def data_fingerprint(sections: dict, dataset: str) -> tuple[str, str]:

@@ -85,6 +85,23 @@ def test_init_from_starts_from_another_runs_weights(runs, tmp_path):
         finetune.main(COMMON + ["--run-name", "warm3", "--max-steps", "1", "--init-from", str(tmp_path)])
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_lr_schedule_follows_its_shape_after_the_warmup(runs, schedule):
+    import math
+    args = COMMON[:-2]                      # without its --warmup-steps 0
+    assert args[-2:] != ["--warmup-steps", "0"] and COMMON[-2] == "--warmup-steps"
+    out = finetune.train(finetune.parse_config(finetune.FinetuneConfig, args + [
+        "--run-name", f"lr-{schedule}", "--max-steps", "20", "--eval-every", "20",
+        "--warmup-steps", "2", "--lr-schedule", schedule]))
+    lr0 = 0.01
+    # the LR optimizer step k (0-based) used: a linear warmup over 2 steps (at most a tenth of
+    # the run), then the shape
+    want = [lr0 * k / 2 if k < 2 else
+            lr0 * (0.5 * (1 + math.cos(math.pi * (k - 2) / 18)) if schedule == "cosine" else 1.0)
+            for k in range(20)]
+    assert out["lr"] == pytest.approx(want, rel=1e-6, abs=1e-12)
+
+
 def test_evaluate_writes_rank_and_overall_table(runs, tmp_path):
     if not (runs / "gift-cards" / "finetune" / "full" / "best").exists():
         finetune.main(COMMON + ["--run-name", "full", "--max-steps", "2", "--eval-every", "2"])

@@ -1,6 +1,6 @@
 """Two fine-tuning processes on CPU (torchrun, gloo, ACCELERATE_USE_CPU): the LR schedule
 steps once per optimizer step, exactly as in one process, and process 0's validation decides
-for both, so they stop together (issue 19: with the scheduler in acc.prepare two processes
+for both, so they stop together (before: with the scheduler in acc.prepare two processes
 stepped it twice per step; with validation on process 0 only, process 1 saw NaN, early-stopped
 alone and left process 0 hanging)."""
 import json

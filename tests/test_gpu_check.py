@@ -1,4 +1,4 @@
-"""bench/gpu_check.py --cpu-rehearsal: the GPU check's code paths, minus CUDA (issue 19)."""
+"""bench/gpu_check.py --cpu-rehearsal: the GPU check's code paths, minus CUDA."""
 import json
 import os
 import subprocess

@@ -64,6 +64,10 @@ class FinetuneConfig(RankerConfig, TaskConfig):
     batch_size: int = 4
     grad_accum: int = 1
     warmup_steps: int = 100
+    lr_schedule: str = field(default="linear", metadata={
+        "help": "after the warmup: linear = decay to 0 at the last step; cosine = half a cosine "
+                "to 0; constant = stay at learning_rate",
+        "choices": ("linear", "cosine", "constant")})
     max_train_examples: int = field(default=0, metadata={"help": "cap on training examples (0 = all)"})
     eval_every: int = field(default=100, metadata={"help": "optimizer steps between validations"})
     eval_users: int = field(default=200, metadata={"help": "validation users sampled (0 = all)"})
@@ -77,6 +81,9 @@ class FinetuneConfig(RankerConfig, TaskConfig):
                 "checkpoint/), with a fresh optimizer and schedule: a warm start for a longer or "
                 "staged run (ignored once this run has its own checkpoint to resume)"})
 
+
+# lr_schedule → transformers' scheduler name (each warms up linearly first)
+SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
 # what must match for another run's LoRA and index-token rows to mean the same thing here
 SAME_FOR_INIT = ("dataset", "backbone", "index_kind", "index_tokens", "lora_r", "lora_targets")
@@ -153,7 +160,7 @@ def train(cfg: FinetuneConfig) -> dict:
 
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
-    from transformers import get_linear_schedule_with_warmup
+    from transformers import get_scheduler
 
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -198,8 +205,9 @@ def train(cfg: FinetuneConfig) -> dict:
     total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.num_epochs))
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    sched = get_linear_schedule_with_warmup(optim, min(cfg.warmup_steps, total_steps // 10 or 1),
-                                            total_steps)
+    sched = get_scheduler(SCHEDULES[cfg.lr_schedule], optim,
+                          num_warmup_steps=min(cfg.warmup_steps, total_steps // 10 or 1),
+                          num_training_steps=total_steps)
     # The scheduler stays out of acc.prepare: Accelerate would step it once per process per
     # optimizer step (8 GPUs: the LR reaches 0 after 1/8 of the schedule). It steps below,
     # once per optimizer step, on every process alike.

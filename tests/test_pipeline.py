@@ -3,7 +3,7 @@ of data + retrieve on Gift Cards, and the `python -m train` dispatcher."""
 import json
 import sys
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -87,6 +87,28 @@ def test_unknown_key_names_the_stage_and_the_key(toy, monkeypatch):
         run(stages, {"dataset": toy, "b": [1, 2]})
     with pytest.raises(PipelineError, match="no dataset"):
         run(stages, {"a": {}})
+
+
+@dataclass
+class ChoiceConfig(FakeConfig):
+    mode: str = field(default="fast", metadata={"choices": ("fast", "slow")})
+    tasks: tuple[str, ...] = field(default=("x",), metadata={"choices": ("x", "y")})
+
+
+def test_a_value_outside_its_choices_is_an_error_from_yaml_too(toy, monkeypatch, tmp_path):
+    stages, calls = fake_stages(monkeypatch, config=ChoiceConfig)
+    with pytest.raises(PipelineError, match=r"stage b: mode: 'fsat' is not one of fast, slow"):
+        run(stages, {"dataset": toy, "a": {}, "b": {"mode": "fsat"}})
+    with pytest.raises(PipelineError, match=r"stage a: tasks: 'z' is not one of x, y"):
+        run(stages, {"dataset": toy, "a": {"tasks": ["x", "z"]}})
+    assert calls == []
+    # a stage's own CLI: argparse checks the flags, the same check covers its --config file
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("mode: fsat\n")
+    with pytest.raises(SystemExit):
+        parse_config(ChoiceConfig, ["--config", str(bad)])
+    assert parse_config(ChoiceConfig, ["--config", str(bad), "--mode", "slow"]).mode == "slow"
+    assert parse_config(ChoiceConfig, ["--tasks", "y", "x"]).tasks == ("y", "x")
 
 
 def test_stages_run_in_order_with_shared_keys_and_state(toy, monkeypatch):

@@ -43,6 +43,10 @@ from ulmrec.tasks import TaskConfig, eval_examples, task_counts, training_exampl
 log = logging.getLogger("train.finetune")
 
 
+# lr_schedule → transformers' scheduler name (each warms up linearly first)
+SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+
+
 @dataclass
 class FinetuneConfig(RankerConfig, TaskConfig):
     """Six-task alignment tuning of the ranker LLM."""
@@ -67,7 +71,7 @@ class FinetuneConfig(RankerConfig, TaskConfig):
     lr_schedule: str = field(default="linear", metadata={
         "help": "after the warmup: linear = decay to 0 at the last step; cosine = half a cosine "
                 "to 0; constant = stay at learning_rate",
-        "choices": ("linear", "cosine", "constant")})
+        "choices": tuple(SCHEDULES)})
     max_train_examples: int = field(default=0, metadata={"help": "cap on training examples (0 = all)"})
     eval_every: int = field(default=100, metadata={"help": "optimizer steps between validations"})
     eval_users: int = field(default=200, metadata={"help": "validation users sampled (0 = all)"})
@@ -81,9 +85,6 @@ class FinetuneConfig(RankerConfig, TaskConfig):
                 "checkpoint/), with a fresh optimizer and schedule: a warm start for a longer or "
                 "staged run (ignored once this run has its own checkpoint to resume)"})
 
-
-# lr_schedule → transformers' scheduler name (each warms up linearly first)
-SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
 # what must match for another run's LoRA and index-token rows to mean the same thing here
 SAME_FOR_INIT = ("dataset", "backbone", "index_kind", "index_tokens", "lora_r", "lora_targets")

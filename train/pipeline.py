@@ -48,7 +48,7 @@ from typing import Any
 
 import yaml
 
-from ulmrec.config import ConfigError, from_dict, load_yaml, parse_config
+from ulmrec.config import ConfigError, check_choices, from_dict, load_yaml, parse_config
 from ulmrec.data import DataError  # bad input, named on its line: logged without a traceback
 from ulmrec.paths import atomic_write, cache_root, runs_root
 
@@ -219,6 +219,10 @@ def build_sections(spec: dict, cfg: PipelineConfig, stages, config_path: Path | 
         if bad:
             raise PipelineError(f"stage {stage.name}: unknown key(s) {', '.join(bad)} "
                                 f"({config_cls.__name__} has: {', '.join(sorted(fields[stage.name]))})")
+        try:
+            check_choices(config_cls, section)
+        except ConfigError as e:
+            raise PipelineError(f"stage {stage.name}: {e}") from None
         if section.get("dataset", dataset) != dataset:
             raise PipelineError(f"stage {stage.name}: dataset {section['dataset']!r} differs from the "
                                 f"pipeline's {dataset!r}; set it once at the top of the YAML")

@@ -106,6 +106,19 @@ def from_dict(cls: type[T], values: dict, known_only: bool = False) -> T:
     return cls(**out)
 
 
+def check_choices(cls: type, values: dict) -> None:
+    """ConfigError for a value outside its field's `choices`: argparse checks the flags, this
+    checks what came from YAML (a list field, each of its items)."""
+    for f in dataclasses.fields(cls):
+        choices = f.metadata.get("choices")
+        v = values.get(f.name)
+        if choices is None or v is None:
+            continue
+        for item in v if isinstance(v, (list, tuple)) else [v]:
+            if item not in choices:
+                raise ConfigError(f"{f.name}: {item!r} is not one of {', '.join(map(str, choices))}")
+
+
 def load_yaml(path: Path) -> dict:
     """A YAML mapping; ConfigError (naming the file, and the line where YAML says) if not."""
     try:
@@ -150,4 +163,8 @@ def parse_config(cls: type[T], argv: list[str] | None = None, section: str | Non
                                              cls.__name__, ", ".join(ignored))
         values.update({k: v for k, v in data.items() if k in names})
     values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    try:
+        check_choices(cls, values)
+    except ConfigError as e:
+        parser.exit(2, f"error: {args.config}: {e}\n")
     return from_dict(cls, values)

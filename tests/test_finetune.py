@@ -88,9 +88,8 @@ def test_init_from_starts_from_another_runs_weights(runs, tmp_path):
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])
 def test_lr_schedule_follows_its_shape_after_the_warmup(runs, schedule):
     import math
-    args = COMMON[:-2]                      # without its --warmup-steps 0
-    assert args[-2:] != ["--warmup-steps", "0"] and COMMON[-2] == "--warmup-steps"
-    out = finetune.train(finetune.parse_config(finetune.FinetuneConfig, args + [
+    # the later --warmup-steps 2 overrides COMMON's 0
+    out = finetune.train(finetune.parse_config(finetune.FinetuneConfig, COMMON + [
         "--run-name", f"lr-{schedule}", "--max-steps", "20", "--eval-every", "20",
         "--warmup-steps", "2", "--lr-schedule", schedule]))
     lr0 = 0.01

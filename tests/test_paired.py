@@ -47,3 +47,38 @@ def test_ensemble_must_name_two_of_the_runs(runs, capsys):
     assert paired.main(["--runs", "a", "b", "--ensemble", "a,x", "--out", str(runs / "p.json")]) == 2
     assert "not among them: x" in capsys.readouterr().err
     assert paired.main(["--runs", "a", "b", "--ensemble", "a", "--out", str(runs / "p.json")]) == 2
+
+
+def test_retrievers_are_paired_on_the_users_both_listed(monkeypatch, tmp_path, capsys):
+    from bench import retrieval_paired
+    monkeypatch.setenv("ULMREC_RUNS", str(tmp_path))
+    lists = [list(range(1, 21))] * 3
+    for name, targets, users in (("base", [1, 12, 50], (1, 2, 3)), ("new", [1, 2, 7], (1, 2, 4))):
+        folder = tmp_path / "games" / "retrieval" / name
+        folder.mkdir(parents=True)
+        pd.DataFrame({"user": list(users), "split": ["test"] * 3, "target": targets,
+                      "candidates": lists}).to_parquet(folder / "candidates.parquet", index=False)
+    out = tmp_path / "pairs.json"
+    assert retrieval_paired.main(["--runs", "base", "new", "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["test_users"] == 2                             # user 3 and 4 are in one run only
+    # user 1: rank 1 in both; user 2: rank 12 → rank 2
+    assert rep["metrics"]["base"]["Recall@10"] == 0.5 and rep["metrics"]["new"]["Recall@10"] == 1.0
+    assert rep["paired"]["new"]["Recall@20"]["mean"] == 0.0
+    assert rep["paired"]["new"]["NDCG@10"]["mean"] == pytest.approx(1 / np.log2(3) / 2)
+    assert retrieval_paired.main(["--runs", "base", "absent", "--out", str(out)]) == 2
+
+
+def test_retriever_groups_average_their_seeds_per_user(monkeypatch, tmp_path):
+    from bench import retrieval_paired
+    monkeypatch.setenv("ULMREC_RUNS", str(tmp_path))
+    for name, target in (("a", 1), ("b", 15), ("c", 1)):     # rank 1, rank 15, rank 1 for user 7
+        folder = tmp_path / "games" / "retrieval" / name
+        folder.mkdir(parents=True)
+        pd.DataFrame({"user": [7], "split": ["test"], "target": [target],
+                      "candidates": [list(range(1, 21))]}).to_parquet(folder / "candidates.parquet")
+    out = tmp_path / "pairs.json"
+    assert retrieval_paired.main(["--runs", "a,b", "c", "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["metrics"]["a,b"]["Recall@10"] == 0.5 and rep["metrics"]["a,b"]["Recall@20"] == 1.0
+    assert rep["paired"]["c"]["Recall@10"]["mean"] == 0.5

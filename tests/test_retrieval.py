@@ -168,6 +168,45 @@ def test_resume_after_interruption_continues_identically(trained, tmp_path):
         run(replace(cfg2, hidden=8))
 
 
+def test_weight_average_is_what_is_validated_kept_and_resumed(tmp_path, gift_cards):
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_first(epoch, state):
+        if epoch == 1:
+            raise Interrupt
+
+    cfg = RetrievalConfig(model="lrurec", ema_epochs=1.0, **{**TINY, "max_epochs": 2})
+    whole = run(replace(cfg, out_dir=str(tmp_path / "whole")))
+    with pytest.raises(Interrupt):
+        run(replace(cfg, out_dir=str(tmp_path / "cut")), on_epoch_end=stop_after_first)
+    last = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    avg = {k.removeprefix("module."): v for k, v in last["average"].items() if k.startswith("module.")}
+    saved = load_file(tmp_path / "cut" / "model.safetensors")     # epoch 1 is always the best so far
+    assert saved.keys() == avg.keys() == last["model"].keys()
+    assert all(torch.equal(saved[k], avg[k]) for k in saved)
+    assert not all(torch.equal(saved[k], last["model"][k]) for k in saved), "raw weights were kept"
+    resumed = run(replace(cfg, out_dir=str(tmp_path / "cut")))
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["test"] == whole["test"]
+    with pytest.raises(ValueError, match="other settings"):      # the average cannot be switched off mid-run
+        run(replace(cfg, out_dir=str(tmp_path / "cut"), ema_epochs=0.0, max_epochs=3))
+    with pytest.raises(ValueError, match="ema_epochs"):
+        run(replace(cfg, out_dir=str(tmp_path / "bad"), ema_epochs=-1.0))
+
+
+def test_checkpoint_from_before_weight_averaging_resumes_only_without_it(tmp_path, gift_cards):
+    cfg = RetrievalConfig(model="lrurec", ema_epochs=0.0, out_dir=str(tmp_path), **{**TINY, "max_epochs": 1})
+    run(cfg)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    del ckpt["signature"]["ema_epochs"]                            # as written before the setting existed
+    torch.save(ckpt, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match="ema_epochs"):
+        run(replace(cfg, ema_epochs=4.0, max_epochs=2))
+    assert run(replace(cfg, max_epochs=2))["epochs_trained"] == 2
+
+
 def test_sasrec_trains_and_exports(tmp_path, gift_cards):
     cfg = RetrievalConfig(model="sasrec", out_dir=str(tmp_path), **{**TINY, "max_epochs": 2})
     report = run(cfg)

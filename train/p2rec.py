@@ -216,9 +216,10 @@ def retriever_table(cfg: P2RecConfig) -> torch.Tensor:
 
 
 def retrieval_config(cfg: P2RecConfig, model: str, seed: int) -> RetrievalConfig:
+    # the fusion loop (ulmrec/p2rec/fusion.py) keeps P2Rec's recipe: raw weights, <= 10 epochs
     return RetrievalConfig(dataset=cfg.dataset, model=model, hidden=cfg.hidden, dropout=cfg.dropout,
                            attn_dropout=cfg.dropout, max_epochs=cfg.max_epochs,
-                           patience=cfg.patience, seed=seed, threads=cfg.threads)
+                           patience=cfg.patience, seed=seed, threads=cfg.threads, ema_epochs=0.0)
 
 
 def stage_fusion(cfg, ds, groups, enhanced, out: Path, device) -> dict:

@@ -2,6 +2,7 @@
 
 Outputs under runs/<dataset>/retrieval/<model>[-<tag>]/:
   model.safetensors + model.json  best weights (by validation `best_metric`) and how to rebuild them
+                                  (the moving average of the weights unless --ema-epochs 0)
   last.pt                         model, optimiser, epoch, RNG, early-stopping state (resume point;
                                   loaded with weights_only=True)
   metrics.json                    val/test full-ranking metrics of the best model, candidate recall,
@@ -25,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -43,6 +45,8 @@ MODELS = {"lrurec": LRURec, "sasrec": SASRec}
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOSS = "per-target"        # checkpoints of the older per-batch-mean loss must not be resumed
 # settings that may change between an interrupted run and its resumption
+# settings added later, with the value that checkpoints written before them implicitly used
+LEGACY = {"ema_epochs": 0.0}
 RESUMABLE_CHANGES = {"max_epochs", "patience", "device", "threads", "resume", "out_dir",
                      "eval_batch_size", "num_candidates", "tag"}
 
@@ -66,6 +70,10 @@ class RetrievalConfig:
     pool_batches: int = field(default=32, metadata={
         "help": "batches whose windows are sorted by length together (1 = plain random batches)"})
     max_grad_norm: float = field(default=5.0, metadata={"help": "gradient clipping norm"})
+    ema_epochs: float = field(default=4.0, metadata={
+        "help": "keep an exponential moving average of the weights over about this many epochs "
+                "(per-step decay 1 - 1/(epochs x batches per epoch)); the average is what is "
+                "validated, selected and saved (0 = the raw weights)"})
     max_epochs: int = field(default=50, metadata={"help": "upper bound on training epochs"})
     patience: int = field(default=10, metadata={"help": "epochs without validation gain before stopping"})
     best_metric: str = field(default="Recall@20", metadata={
@@ -142,7 +150,24 @@ def batch_loss(model, windows, idx: list[int], norm: float, device) -> tuple[tor
     return ce / norm, int(keep.sum())
 
 
-def train_epoch(model, opt, windows, cfg: RetrievalConfig, epoch: int, device) -> float:
+def make_average(model: torch.nn.Module, cfg: RetrievalConfig, batches: int) -> AveragedModel | None:
+    """The moving average of the weights that is validated and kept, or None (ema_epochs 0).
+
+    With dropout 0.5 the validation curve is flat for tens of epochs while the weights keep
+    wandering around the optimum; averaging them over the last few epochs lands nearer its
+    centre. The horizon is counted in epochs, not steps, so that a catalogue of 8 batches per
+    epoch averages over the same share of its training as one of 242.
+    """
+    if cfg.ema_epochs < 0:
+        raise ValueError(f"ema_epochs must be 0 (off) or a positive number of epochs, got {cfg.ema_epochs}")
+    if cfg.ema_epochs == 0:
+        return None
+    decay = max(0.0, 1.0 - 1.0 / (cfg.ema_epochs * batches))
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def train_epoch(model, opt, windows, cfg: RetrievalConfig, epoch: int, device,
+                average: AveragedModel | None = None) -> float:
     """One pass over the training windows; returns the mean cross-entropy per target."""
     model.train()
     norm = targets_per_batch(windows, cfg.batch_size)
@@ -155,6 +180,8 @@ def train_epoch(model, opt, windows, cfg: RetrievalConfig, epoch: int, device) -
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()
+        if average is not None:
+            average.update_parameters(model)
         total += loss.item() * norm
         seen += n
         bar.set_postfix(loss=f"{total / seen:.3f}", refresh=False)
@@ -188,6 +215,8 @@ def run(cfg: RetrievalConfig, on_epoch_end: Callable[[int, dict], None] | None =
     model = build_model(cfg, ds.num_items).to(device)
     opt = make_optimizer(model, cfg)
     windows = train_windows(list(ds.sequences("train")), cfg.max_len)
+    average = make_average(model, cfg, math.ceil(len(windows) / cfg.batch_size))
+    kept = average.module if average is not None else model    # what is validated and saved
     val_users, val_hist, val_targets = eval_histories(ds, "val")
     log.info("%s %s: %d items, %d training windows, %d val users, %d parameters, device %s, "
              "%d threads → %s", cfg.dataset, cfg.model, ds.num_items, len(windows), len(val_users),
@@ -198,8 +227,9 @@ def run(cfg: RetrievalConfig, on_epoch_end: Callable[[int, dict], None] | None =
     last = out / "last.pt"
     if cfg.resume and last.exists():
         ckpt = torch.load(last, map_location="cpu", weights_only=True)
-        # a setting added after the checkpoint was written counts as having its default
-        saved = {**_signature(RetrievalConfig()), **ckpt["signature"]}
+        # a setting added after the checkpoint was written counts as having the value that
+        # reproduces the older behaviour (LEGACY) or else its default
+        saved = {**_signature(RetrievalConfig()), **LEGACY, **ckpt["signature"]}
         if saved != _signature(cfg):
             diff = sorted(k for k in _signature(cfg) if saved.get(k) != getattr(cfg, k))
             raise ValueError(f"{last} was written with other settings ({', '.join(diff)}); "
@@ -209,6 +239,8 @@ def run(cfg: RetrievalConfig, on_epoch_end: Callable[[int, dict], None] | None =
                              f"--no-resume to start over or --tag for a separate run")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
+        if average is not None:
+            average.load_state_dict(ckpt["average"])
         torch.set_rng_state(ckpt["rng"])
         if device.type == "cuda" and "cuda_rng" in ckpt:
             torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
@@ -220,15 +252,15 @@ def run(cfg: RetrievalConfig, on_epoch_end: Callable[[int, dict], None] | None =
         if state["stopped_early"]:
             break
         t0 = time.perf_counter()
-        loss = train_epoch(model, opt, windows, cfg, epoch, device)
+        loss = train_epoch(model, opt, windows, cfg, epoch, device, average)
         t1 = time.perf_counter()
-        val = summarize(full_rank(model, val_hist, val_targets, cfg.max_len, cfg.eval_batch_size,
+        val = summarize(full_rank(kept, val_hist, val_targets, cfg.max_len, cfg.eval_batch_size,
                                   cfg.num_candidates, device, desc="val"), val_targets)
         t2 = time.perf_counter()
         score = val[cfg.best_metric]
         if score > state["best"]:
             state.update(best=score, best_epoch=epoch + 1, bad_epochs=0)
-            weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            weights = {k: v.detach().cpu().contiguous() for k, v in kept.state_dict().items()}
             atomic_write(out / "model.safetensors", lambda p: save_file(weights, str(p)))
         else:
             state["bad_epochs"] += 1
@@ -242,6 +274,8 @@ def run(cfg: RetrievalConfig, on_epoch_end: Callable[[int, dict], None] | None =
                  t2 - t1, " (best)" if state["best_epoch"] == epoch + 1 else "")
         ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(),
                 "rng": torch.get_rng_state(), "state": state, "signature": _signature(cfg), "loss": LOSS}
+        if average is not None:
+            ckpt["average"] = average.state_dict()
         if device.type == "cuda":
             ckpt["cuda_rng"] = torch.cuda.get_rng_state(device)
         atomic_write(last, lambda p: torch.save(ckpt, p))

@@ -70,15 +70,20 @@ def main(argv=None) -> int:
     report = {"dataset": args.dataset, "baseline": base, "test_users": len(ranks),
               "command": "python -m bench.retrieval_paired " + " ".join(argv or sys.argv[1:]),
               "metrics": {r: {m: float(per[r][m].mean()) for m in METRICS} for r in args.runs},
+              "members": {m: {k: float(single[m][k].mean()) for k in METRICS} for m in members},
               "paired": {}}
     print(f"{args.dataset}: {len(ranks)} test users, each run against {base}")
+    for r in args.runs:
+        if "," in r:
+            sd = {k: np.std([report["members"][m][k] for m in r.split(",")], ddof=1) for k in METRICS}
+            print(f"{r}: " + ", ".join(f"{k} {report['metrics'][r][k]:.4f} ± {sd[k]:.4f}" for k in METRICS))
     for r in args.runs[1:]:
         report["paired"][r] = {}
         for m in METRICS:
             d = per[r][m] - per[base][m]
             lo, hi = bootstrap(d)
             report["paired"][r][m] = {"mean": float(d.mean()), "lo": lo, "hi": hi}
-        print(f"{r:<24}" + "  ".join(
+        print(f"{r}\n  " + "  ".join(
             f"{m} {per[r][m].mean():.4f} ({p['mean']:+.4f} [{p['lo']:+.4f}, {p['hi']:+.4f}])"
             for m, p in report["paired"][r].items() if m in ("Recall@10", "NDCG@10", "Recall@20")))
     out = REPO_ROOT / (args.out or f"results/retrieval-paired-{args.dataset}.json")

@@ -44,9 +44,9 @@ log = logging.getLogger(__name__)
 MODELS = {"lrurec": LRURec, "sasrec": SASRec}
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOSS = "per-target"        # checkpoints of the older per-batch-mean loss must not be resumed
-# settings that may change between an interrupted run and its resumption
 # settings added later, with the value that checkpoints written before them implicitly used
 LEGACY = {"ema_epochs": 0.0}
+# settings that may change between an interrupted run and its resumption
 RESUMABLE_CHANGES = {"max_epochs", "patience", "device", "threads", "resume", "out_dir",
                      "eval_batch_size", "num_candidates", "tag"}
 

@@ -5,9 +5,9 @@
         --runs lrurec-plain,lrurec-plain-s43,lrurec-plain-s44 lrurec,lrurec-s43,lrurec-s44
 
 The first run is the baseline; a comma-separated group stands for its runs' per-user metrics
-averaged (several seeds of one setting against several of another: less seed noise). A user's rank of the test target is its place in the run's
-`candidates.parquet` test list (beyond 20: not retrieved), which fixes Recall@5/10/20 and
-NDCG@5/10/20 exactly. Each later run is compared with the baseline user by user (95%
+averaged (several seeds of one setting against several of another: less seed noise). A
+user's rank of the test target is its place in the run's `candidates.parquet` test list
+(beyond 20: not retrieved), which fixes Recall@5/10/20 and NDCG@5/10/20 exactly. Each later run is compared with the baseline user by user (95%
 bootstrap interval of the mean difference); an interval that excludes 0 is a difference this
 many users can tell apart. The report goes to results/retrieval-paired-<dataset>.json.
 """

@@ -79,3 +79,10 @@ def test_evaluation_reports_truncated_prompts_and_the_release_index_leak(release
     backbone = json.loads((tmp_path / "results" / "rel.json").read_text())["results"]["backbone (untuned)"]
     assert backbone["truncated_prompts"] == 0 and backbone["leak_prone"] is False
     assert "\n- " not in (tmp_path / "results" / "rel.md").read_text()
+
+
+def test_runs_flag_alone_evaluates_the_baselines_only():
+    from ulmrec.config import parse_config
+    assert parse_config(evaluate.EvaluateConfig, ["--runs"]).runs == ()
+    assert parse_config(evaluate.EvaluateConfig, ["--runs", "a", "b"]).runs == ("a", "b")
+    assert parse_config(evaluate.EvaluateConfig, []).runs == ("ulmrec",)

@@ -44,6 +44,7 @@ log = logging.getLogger("train.evaluate")
 class EvaluateConfig(RankerConfig, TaskConfig):
     """Which systems to evaluate on the test split."""
     runs: tuple[str, ...] = field(default=("ulmrec",), metadata={
+        "nargs": "*",     # `--runs` alone: the baselines only (a retriever's own rows, no LLM)
         "help": "fine-tuned runs (runs/<dataset>/finetune/<name>); '<name>+uid' drops the history"})
     baselines: tuple[str, ...] = field(default=("retriever",), metadata={
         "help": "retriever (its own order) and/or backbone (untuned LLM, same prompts)"})

@@ -76,7 +76,7 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
             kwargs = dict(action=argparse.BooleanOptionalAction)
         elif origin in (list, tuple):
             (inner,) = set(typing.get_args(tp)) - {Ellipsis}
-            kwargs = dict(type=inner, nargs="+")
+            kwargs = dict(type=inner, nargs=f.metadata.get("nargs", "+"))
         else:
             kwargs = dict(type=tp if tp in (int, float, str) else str,
                           choices=f.metadata.get("choices"), metavar=f.metadata.get("metavar"))

@@ -7,9 +7,9 @@
 The first run is the baseline; a comma-separated group stands for its runs' per-user metrics
 averaged (several seeds of one setting against several of another: less seed noise). A
 user's rank of the test target is its place in the run's `candidates.parquet` test list
-(beyond 20: not retrieved), which fixes Recall@5/10/20 and NDCG@5/10/20 exactly. Each later run is compared with the baseline user by user (95%
-bootstrap interval of the mean difference); an interval that excludes 0 is a difference this
-many users can tell apart. The report goes to results/retrieval-paired-<dataset>.json.
+(beyond 20: not retrieved), which fixes Recall@5/10/20 and NDCG@5/10/20 exactly. Each later
+run is compared with the baseline user by user (95% bootstrap interval of the mean
+difference); an interval that excludes 0 is a difference this many users can tell apart. The report goes to results/retrieval-paired-<dataset>.json.
 """
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ def test_ranks(folder) -> pd.Series:
 
 
 def per_user(ranks: np.ndarray) -> dict[str, np.ndarray]:
+    """Each user's Recall@k and NDCG@k (k = 5, 10, 20) from 1-based ranks (inf = not ranked)."""
     out = {}
     for k in (5, 10, 20):
         out[f"Recall@{k}"] = (ranks <= k).astype(float)

@@ -18,8 +18,8 @@ import torch
 
 from bench.paired import bootstrap
 from bench.retrieval import seed_config
+from bench.retrieval_paired import per_user
 from ulmrec.data import load_dataset
-from ulmrec.metrics import ndcg_per_user
 from ulmrec.paths import REPO_ROOT, atomic_write, runs_root
 from ulmrec.retrieval.data import eval_histories
 from ulmrec.retrieval.ensemble import load_ensemble
@@ -50,8 +50,7 @@ def main(argv=None) -> int:
     per = {}
     for name, model in (("single", single), ("ensemble", ens)):
         ranks = full_rank(model, hist, targets, cfg.max_len, cfg.eval_batch_size, 20, desc=name)["ranks"]
-        per[name] = {"Recall@10": (ranks <= 10).astype(float), "Recall@20": (ranks <= 20).astype(float),
-                     "NDCG@10": ndcg_per_user(ranks, 10)}
+        per[name] = per_user(ranks)
     report = {"dataset": args.dataset, "model": args.model, "seeds": args.seeds,
               "command": "python -m bench.retrieval_ensemble " + " ".join(argv or sys.argv[1:]),
               "test_users": len(users), "single_seed": args.seeds[0], "metrics": {}, "paired": {}}

@@ -64,6 +64,9 @@ def main(argv=None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if ranks.empty:
+        print(f"error: {', '.join(members)} share no test user", file=sys.stderr)
+        return 2
     single = {m: per_user(ranks[m].to_numpy()) for m in members}
     per = {r: {k: np.mean([single[m][k] for m in r.split(",")], axis=0) for k in METRICS}
            for r in args.runs}

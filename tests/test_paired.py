@@ -67,6 +67,13 @@ def test_retrievers_are_paired_on_the_users_both_listed(monkeypatch, tmp_path, c
     assert rep["paired"]["new"]["Recall@20"]["mean"] == 0.0
     assert rep["paired"]["new"]["NDCG@10"]["mean"] == pytest.approx(1 / np.log2(3) / 2)
     assert retrieval_paired.main(["--runs", "base", "absent", "--out", str(out)]) == 2
+    assert "absent" in capsys.readouterr().err
+    empty = tmp_path / "games" / "retrieval" / "empty"                # no test rows at all
+    empty.mkdir()
+    pd.DataFrame({"user": [1], "split": ["val"], "target": [1], "candidates": [lists[0]]}
+                 ).to_parquet(empty / "candidates.parquet", index=False)
+    assert retrieval_paired.main(["--runs", "base", "empty", "--out", str(out)]) == 2
+    assert "share no test user" in capsys.readouterr().err
 
 
 def test_retriever_groups_average_their_seeds_per_user(monkeypatch, tmp_path):

@@ -397,10 +397,10 @@ def test_every_pipeline_yaml_in_configs_builds(path, monkeypatch, tmp_path):
     monkeypatch.setenv("ULMREC_RUNS", str(tmp_path))
     sections = pipeline.build_sections(spec, PipelineConfig(), pipeline.STAGES, path)
     if path.name == "cpu-best.yaml":   # the two-stage ranker the games demo bundles
-        assert sections["refine"]["init_from"] == str(tmp_path / "games" / "finetune" / "ulmrec-long" / "best")
+        assert sections["refine"]["init_from"] == str(tmp_path / "games" / "finetune" / "ulmrec-long-avg" / "best")
         assert sections["refine"]["tasks"] == ["next_item"] and sections["refine"]["max_len"] == 768
-        assert sections["export"]["run_name"] == sections["refine"]["run_name"] == "ulmrec-staged"
-        assert sections["evaluate"]["runs"] == ["ulmrec-staged"]
+        assert sections["export"]["run_name"] == sections["refine"]["run_name"] == "ulmrec-staged-avg"
+        assert sections["evaluate"]["runs"] == ["ulmrec-staged-avg"]
 
 
 def test_run_help_names_the_command_and_the_from_flag(capsys):

@@ -9,7 +9,8 @@ averaged (several seeds of one setting against several of another: less seed noi
 user's rank of the test target is its place in the run's `candidates.parquet` test list
 (beyond 20: not retrieved), which fixes Recall@5/10/20 and NDCG@5/10/20 exactly. Each later
 run is compared with the baseline user by user (95% bootstrap interval of the mean
-difference); an interval that excludes 0 is a difference this many users can tell apart. The report goes to results/retrieval-paired-<dataset>.json.
+difference); an interval that excludes 0 is a difference this many users can tell apart.
+The report goes to results/retrieval-paired-<dataset>.json.
 """
 from __future__ import annotations
 

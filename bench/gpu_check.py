@@ -5,9 +5,9 @@
     python bench/gpu_check.py --out gpu_check.json --skip-7b
 
 (a) The QLoRA path on tiny random Llamas, tied and untied embeddings, through the project's
-    own code (ulmrec.ranker.build_ranker / load_ranker, ulmrec.checkpoint): NF4 load, index
-    tokens trainable, 20 steps, stop (checkpoint), resume to 30 == 30 straight, save the
-    adapter, reload in 4-bit and in bf16, letter scores agree.
+    own code (ulmrec.ranker.build_ranker / load_ranker, the trainer ulmrec.trainer.fit): NF4
+    load, index tokens trainable, 20 steps, stop (checkpoint), resume to 30 == 30 straight,
+    save the adapter, reload in 4-bit and in bf16, letter scores agree.
 (b) Speed at real shapes with random weights (weights do not change speed): verbalizer
     throughput (users/s at batch 8 and 32, ~1k-token prompts) and one LoRA training step
     (batch 4, gradient checkpointing) at SmolLM2-135M and Llama-2-7B shapes, against the
@@ -133,27 +133,14 @@ def llama(shape: dict, vocab: int, tok, device: str, dtype: torch.dtype):
 # -- (a) the QLoRA path ---------------------------------------------------------------------------
 
 
-def _train(model, tok, encoded, steps: int, start: int = 0, optim=None, sched=None, batch: int = 2,
-           total: int = 30):
-    from transformers import get_linear_schedule_with_warmup
-
-    from ulmrec.model import collate, response_loss
-    if optim is None:
-        optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-        sched = get_linear_schedule_with_warmup(optim, 2, total)
-    device = next(p.device for p in model.parameters())
-    model.train()
-    losses = []
-    for step in range(start, steps):
-        rows = [encoded[(step * batch + i) % len(encoded)] for i in range(batch)]
-        b = {k: v.to(device) for k, v in collate(rows, tok.pad_token_id).items()}
-        loss = response_loss(model, b)
-        loss.backward()
-        optim.step()
-        sched.step()
-        optim.zero_grad()
-        losses.append(float(loss))
-    return optim, sched, losses
+def _train(model, tok, encoded, out: Path, total: int = 30, stop_after: int = 0) -> list[float]:
+    """The project's own loop (ulmrec.trainer.fit) on `encoded`; the losses of this call."""
+    from ulmrec.model import response_loss
+    from ulmrec.trainer import TrainingArguments, fit
+    args = TrainingArguments(learning_rate=2e-3, warmup_steps=2, max_steps=total, batch_size=2,
+                             eval_every=0, stop_after=stop_after)
+    return fit(model, encoded, args, out, loss_fn=response_loss, pad_id=tok.pad_token_id,
+               seed=0, desc="qlora check")["losses"]
 
 
 def _trainable(model) -> dict[str, torch.Tensor]:
@@ -171,7 +158,6 @@ def _scores(model, tok, exs):
 
 def qlora_check(tied: bool, device: str, quant: bool, workdir: Path, small: bool = False) -> dict:
     """build (NF4 when quant) → 20 steps → checkpoint → resume to 30 == 30 straight → reload."""
-    from ulmrec.checkpoint import load_checkpoint, save_checkpoint
     from ulmrec.model import encode
     from ulmrec.ranker import RankerConfig, build_ranker, load_ranker
 
@@ -197,28 +183,23 @@ def qlora_check(tied: bool, device: str, quant: bool, workdir: Path, small: bool
     encoded = [encode(tok, ex, "auto", 1024) for ex in exs]
     t0 = time.time()
     stop, total = (4, 6) if small else (20, 30)   # the rehearsal: the same path, fewer steps
-    optim, sched, losses = _train(model, tok, encoded, total, total=total)
+    losses = _train(model, tok, encoded, workdir / f"straight-{name}", total)
     straight = _trainable(model)
     n_score = 8 if small else 16
     probs_trained = _scores(model, tok, exs[:n_score])
     adapter = workdir / f"adapter-{name}"
     model.save_pretrained(adapter, save_embedding_layers=False)
     tok.save_pretrained(adapter)
-    del model, optim, sched
+    del model
 
     model, _ = fresh()
-    optim, sched, _ = _train(model, tok, encoded, stop, total=total)
-    save_checkpoint(workdir / f"ckpt-{name}", model, optim, sched, {"step": stop})
-    del model, optim, sched                                    # "stop"
+    _train(model, tok, encoded, workdir / f"cut-{name}", total, stop_after=stop)
+    del model                                                  # "stop": a checkpoint at step 20
     model, _ = fresh()
-    from transformers import get_linear_schedule_with_warmup
-    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-    sched = get_linear_schedule_with_warmup(optim, 2, total)
-    state = load_checkpoint(workdir / f"ckpt-{name}", model, optim, sched)
-    _train(model, tok, encoded, total, start=state["step"], optim=optim, sched=sched)
+    _train(model, tok, encoded, workdir / f"cut-{name}", total)  # resumes from it to 30
     resumed = _trainable(model)
     resume_diff = max(float((straight[k] - resumed[k]).abs().max()) for k in straight)
-    del model, optim, sched
+    del model
     train_s = time.time() - t0
 
     reloads = {}

@@ -43,9 +43,26 @@ def per_user(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return llm, retr
 
 
+def llm_term(frame: pd.DataFrame) -> pd.DataFrame:
+    """A residual run's predictions as its LLM term alone ranks them (llm_probs as probs)."""
+    return frame.assign(probs=frame["llm_probs"])
+
+
+def position_habits(frame: pd.DataFrame) -> tuple[float, float]:
+    """(share of users whose top letter is A, mean Spearman of the order with the list's)."""
+    _, probs = _targets_and_probs(frame)
+    mine = (-probs).argsort(axis=1, kind="stable").argsort(axis=1)             # [U, K] 0 = top
+    k = probs.shape[1]
+    rho = 1 - 6 * ((mine - np.arange(k)[None]) ** 2).sum(axis=1) / (k * (k ** 2 - 1))
+    return float((mine[:, 0] == 0).mean()), float(rho.mean())
+
+
 def fused_per_user(frame: pd.DataFrame, lam: float) -> np.ndarray:
-    """NDCG@10 per user of the run's letter probabilities fused with the retriever prior."""
+    """NDCG@10 per user of the run's letter probabilities fused with the retriever prior
+    (a residual run's LLM term: the prior is fitted on it)."""
     from ulmrec.fusion import fuse
+    if _is_residual(frame):
+        frame = llm_term(frame)
     pos, probs = _targets_and_probs(frame)
     retr = np.stack(frame["retriever_scores"].map(np.asarray).to_list())
     return ndcg_per_user(target_ranks(fuse(probs, retr, lam), pos), 10)
@@ -57,6 +74,13 @@ def ensemble_per_user(frames: list[pd.DataFrame]) -> np.ndarray:
     parts = [_targets_and_probs(f) for f in frames]
     logp = np.mean([letter_log_probs(probs) for _, probs in parts], axis=0)     # [U, K]
     return ndcg_per_user(target_ranks(logp, parts[0][0]), 10)
+
+
+def _is_residual(frame: pd.DataFrame) -> bool:
+    """Whether the run ranks by something other than its LLM term (a residual run)."""
+    if "llm_probs" not in frame:
+        return False
+    return not all(np.allclose(a, b) for a, b in zip(frame["probs"], frame["llm_probs"]))
 
 
 def bootstrap(diff: np.ndarray, n: int = 10_000, seed: int = 0) -> tuple[float, float]:
@@ -72,23 +96,31 @@ def main(argv=None) -> int:
     ap.add_argument("--ensemble", nargs="*", default=[], metavar="RUN,RUN[,...]",
                     help="add a system averaging these runs' letter log-probabilities")
     ap.add_argument("--bootstrap", type=int, default=10_000)
+    ap.add_argument("--block", type=int, default=0,
+                    help="the disjoint user sample `train.evaluate --sample-block B` scored (0 = the usual)")
     ap.add_argument("--out", default=None, help="JSON of the pairs (default results/paired-<dataset>.json)")
     args = ap.parse_args(argv)
 
     frames = {}
     for run in args.runs:
-        path = runs_root() / args.dataset / "finetune" / run / "test_predictions.parquet"
+        block = f"_b{args.block}" if args.block else ""
+        path = runs_root() / args.dataset / "finetune" / run / f"test_predictions{block}.parquet"
         if not path.exists():
             print(f"error: {path} not found (run `python -m train.evaluate --runs {run}` first)",
                   file=sys.stderr)
             return 2
         frames[run] = pd.read_parquet(path).set_index("user").sort_index()
     users = sorted(set.intersection(*(set(f.index) for f in frames.values())))
-    scores = {}
+    scores, habits = {}, {}
     for run, f in frames.items():
         llm, retr = per_user(f.loc[users].reset_index())
         scores[run] = llm
+        habits[run] = position_habits(f.loc[users].reset_index())
         scores.setdefault("retriever order", retr)
+        if _is_residual(f):
+            alone = llm_term(f.loc[users].reset_index())
+            scores[f"{run} (LLM term alone)"] = per_user(alone)[0]
+            habits[f"{run} (LLM term alone)"] = position_habits(alone)
         fit = runs_root() / args.dataset / "finetune" / run / "fusion.json"
         if fit.exists() and "retriever_scores" in f:       # λ fitted on validation users
             lam = json.loads(fit.read_text())["lambda"]
@@ -107,10 +139,11 @@ def main(argv=None) -> int:
         scores[f"ensemble of {' + '.join(members)}"] = ensemble_per_user(
             [frames[m].loc[users].reset_index() for m in members])
     print(f"{args.dataset}: {len(users)} users ranked by every run (target among the 20)\n")
-    print("| system | Rank NDCG@10 |")
-    print("|---|---:|")
+    print("| system | Rank NDCG@10 | top letter A | Spearman with the list's order |")
+    print("|---|---:|---:|---:|")
     for name, s in scores.items():
-        print(f"| {name} | {s.mean():.4f} |")
+        a, rho = habits.get(name, (float("nan"), float("nan")))
+        print(f"| {name} | {s.mean():.4f} | {a:.1%} | {rho:.2f} |")
     print("\n| A − B | mean difference | 95% bootstrap CI | A better / B better / tie (users) |")
     print("|---|---:|---|---|")
     rows = []

@@ -66,7 +66,7 @@ def test_resume_continues_exactly_and_adapter_round_trips(runs):
     assert not np.allclose(s_full, _scores(*load_base(CFG)), atol=1e-4)
 
 
-def test_init_from_starts_from_another_runs_weights(runs, tmp_path):
+def test_init_from_starts_from_another_runs_weights(runs, tmp_path, capsys):
     full = runs / "gift-cards" / "finetune" / "full"
     if not (full / "last").exists():
         test_resume_continues_exactly_and_adapter_round_trips(runs)
@@ -78,11 +78,14 @@ def test_init_from_starts_from_another_runs_weights(runs, tmp_path):
                                _scores(*load_ranker(full / "last", CFG)), rtol=1e-4, atol=1e-5)
     saved = json.loads((warm / "last" / "ulmrec_config.json").read_text())["init_from"]
     assert saved.endswith("full/last") and not saved.startswith("/")  # no machine path
-    with pytest.raises(SystemExit, match="index_kind: 'oid' there, 'none' here"):
-        finetune.main(COMMON + ["--run-name", "warm2", "--max-steps", "1", "--index-kind", "none",
-                                "--init-from", str(full / "last")])
-    with pytest.raises(SystemExit, match="no adapter_model.safetensors"):
-        finetune.main(COMMON + ["--run-name", "warm3", "--max-steps", "1", "--init-from", str(tmp_path)])
+    # an exception below the CLI; the CLI says it in one line and exits 2
+    with pytest.raises(finetune.InitFromError, match="index_kind: 'oid' there, 'none' here"):
+        finetune.train(finetune.parse_config(finetune.FinetuneConfig, COMMON + [
+            "--run-name", "warm2", "--max-steps", "1", "--index-kind", "none",
+            "--init-from", str(full / "last")]))
+    assert finetune.main(COMMON + ["--run-name", "warm3", "--max-steps", "1",
+                                   "--init-from", str(tmp_path)]) == 2
+    assert "no adapter_model.safetensors" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from train import finetune
+from ulmrec import trainer
 from ulmrec.config import parse_config
 
 HERE = Path(__file__).resolve().parent
@@ -58,9 +59,9 @@ def test_two_processes_share_one_lr_schedule_and_stop_together(tmp_path, monkeyp
 def test_mixed_precision_follows_the_hardware(monkeypatch):
     import torch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert finetune.mixed_precision() == "no"
+    assert trainer.mixed_precision() == "no"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)   # a T4
-    assert finetune.mixed_precision() == "fp16"
+    assert trainer.mixed_precision() == "fp16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)    # an A100 / H100
-    assert finetune.mixed_precision() == "bf16"
+    assert trainer.mixed_precision() == "bf16"

@@ -49,6 +49,10 @@ class EvaluateConfig(RankerConfig, TaskConfig):
     baselines: tuple[str, ...] = field(default=("retriever",), metadata={
         "help": "retriever (its own order) and/or backbone (untuned LLM, same prompts)"})
     max_users: int = field(default=0, metadata={"help": "test users sampled (0 = all)"})
+    sample_block: int = field(default=0, metadata={
+        "help": "which block of max_users to take from the seed's shuffled users: 0 = the usual "
+                "sample, 1 = the next max_users (disjoint from block 0: a second sample); "
+                "predictions of block b > 0 go to test_predictions_b<b>.parquet"})
     fusion_val_users: int = field(default=0, metadata={
         "help": "validation users (target retrieved) to fit each run's retriever-prior weight on; "
                 "adds a '<run> + retriever prior' row (0 = no fusion row)"})
@@ -85,6 +89,28 @@ def retriever_ranks(frame: pd.DataFrame, k: int) -> tuple[np.ndarray, np.ndarray
         scores[row, :len(s)] = s
         pos[row] = cands.index(int(target)) if int(target) in cands else -1
     return target_ranks(scores, pos), pos >= 0
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def position_habits(ranked: np.ndarray, frame: pd.DataFrame, examples) -> dict:
+    """How much a ranker copies its list's order: the share of users whose top letter is A
+    (the retriever's first candidate) and the mean Spearman correlation of its order with
+    the retriever's (1 = the same order)."""
+    if not len(examples):
+        return {"top_letter_a": 0.0, "spearman_with_retriever": 0.0}
+    ranked = np.asarray(ranked, dtype=np.float64)                              # [U, K]
+    k = ranked.shape[1]
+    # letter order is the retriever's order: its rank of letter j is j
+    mine = (-ranked).argsort(axis=1, kind="stable").argsort(axis=1)            # [U, K] 0 = top
+    d = mine - np.arange(k)[None]
+    rho = 1 - 6 * (d ** 2).sum(axis=1) / (k * (k ** 2 - 1))
+    return {"top_letter_a": float((mine[:, 0] == 0).mean()),
+            "spearman_with_retriever": float(rho.mean())}
 
 
 def leak_notes(notes: list[str], scfg) -> list[str]:
@@ -140,8 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     ds = load_dataset(cfg.data_config())
     cands = load_candidates(ds, cfg, "test")
     if cfg.max_users and len(cands) > cfg.max_users:
-        keep = sample_eval_users(cands["user"], cfg.max_users, cfg.seed)
+        keep = sample_eval_users(cands["user"], cfg.max_users, cfg.seed, cfg.sample_block)
         cands = cands[cands["user"].isin(keep)]
+    elif cfg.sample_block:
+        raise ValueError("--sample-block needs --max-users smaller than the test users")
     users = sorted(cands["user"].astype(int).tolist())
     results: dict[str, dict] = {}
 
@@ -169,7 +197,17 @@ def main(argv: list[str] | None = None) -> int:
         stats: dict = {}
         scores, probs = score_examples(model, tok, examples, scfg.prompt_format, scfg.max_len,
                                        cfg.batch_size, scfg.num_candidates, stats=stats)
-        res = _evaluate_scores(frame, examples, scores.numpy())
+        retr = _retriever_scores(frame, examples, scfg.num_candidates)
+        llm_alone = None
+        if scfg.residual:   # the run ranks by the sum it was trained as; its LLM term beside it
+            llm_alone = _evaluate_scores(frame, examples, scores.numpy())
+            ranked = fuse(probs.numpy(), retr, scfg.residual_weight)
+        else:
+            ranked = scores.numpy()
+        res = _evaluate_scores(frame, examples, ranked)
+        if scfg.residual:
+            res["residual_weight"] = scfg.residual_weight
+        res.update(position_habits(ranked, frame, examples))
         res["seconds_per_user"] = (time.time() - t0) / max(1, len(examples))
         res["truncated_prompts"] = stats["truncated"]
         if stats["truncated"]:
@@ -178,9 +216,13 @@ def main(argv: list[str] | None = None) -> int:
         res["leak_prone"] = any("leak-prone" in n for n in notes)
         res["notes"] = notes
         results[name] = res
-        log.info("%s: Rank NDCG@10 %.4f, Overall NDCG@10 %.4f (%d users ranked)", name,
-                 res["rank"]["NDCG@10"], res["overall"]["NDCG@10"], len(examples))
-        retr = _retriever_scores(frame, examples, scfg.num_candidates)
+        log.info("%s: Rank NDCG@10 %.4f, Overall NDCG@10 %.4f (%d users ranked; top letter A "
+                 "for %.1f%%)", name, res["rank"]["NDCG@10"], res["overall"]["NDCG@10"],
+                 len(examples), 100 * res["top_letter_a"])
+        if llm_alone is not None:
+            llm_alone.update(position_habits(scores.numpy(), frame, examples))
+            llm_alone.update({k: res[k] for k in ("truncated_prompts", "leak_prone", "notes")})
+            results[f"{name} (LLM term alone)"] = llm_alone
         if folder is not None and cfg.fusion_val_users:
             fit = _fit_fusion(ds, model, tok, inp, scfg, cfg)
             fused = _evaluate_scores(frame, examples, fuse(probs.numpy(), retr, fit["lambda"]))
@@ -193,12 +235,17 @@ def main(argv: list[str] | None = None) -> int:
                      "%.4f", name, fit["lambda"], fit["val_ndcg"], fit["val_users"],
                      fused["rank"]["NDCG@10"])
         if folder is not None:
+            # probs: what the run ranks by (a residual run's sum, normalised); llm_probs: its
+            # LLM term, the input of the after-the-fact prior
+            shown = probs.numpy() if not scfg.residual else softmax(ranked)
             pred = pd.DataFrame({"user": [e.user for e in examples],
                                  "candidates": [e.candidates for e in examples],
                                  "target": [e.target for e in examples],
-                                 "probs": probs.numpy().tolist(),
+                                 "probs": shown.tolist(),
+                                 "llm_probs": probs.numpy().tolist(),
                                  "retriever_scores": retr.tolist()})
-            name = f"test_predictions{'_uid' if scfg.no_history else ''}.parquet"
+            block = f"_b{cfg.sample_block}" if cfg.sample_block else ""
+            name = f"test_predictions{'_uid' if scfg.no_history else ''}{block}.parquet"
             atomic_write(folder.parent / name, lambda p: pred.to_parquet(p, index=False))
         del model
 

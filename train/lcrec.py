@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from ulmrec.backbone import save_tokenizer
 from ulmrec.config import parse_config
@@ -106,6 +104,13 @@ class LcRecConfig:
                            codebook_size=self.codebook_size, epochs=self.index_epochs,
                            batch_size=self.index_batch_size, lr=self.index_lr, seed=self.seed,
                            threads=self.threads, out="lcrec")
+
+    def training_args(self):
+        from ulmrec.trainer import TrainingArguments
+        return TrainingArguments(learning_rate=self.learning_rate, num_epochs=self.num_epochs,
+                                 max_steps=self.max_steps, batch_size=self.batch_size,
+                                 warmup_steps=self.warmup_steps, stop_after=self.stop_after,
+                                 eval_every=0)
 
     def ranker_config(self):
         from ulmrec.ranker import RankerConfig
@@ -196,21 +201,19 @@ def _task_data(cfg: LcRecConfig, ds, table: pd.DataFrame):
 
 def stage_finetune(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> bool:
     """Train (or resume) the adapter; False when it stopped early on purpose (--stop-after)."""
-    from transformers import get_linear_schedule_with_warmup
-
-    from ulmrec.checkpoint import load_checkpoint, read_state, save_checkpoint
-
+    from ulmrec.checkpoint import read_state
     from ulmrec.lcrec.tasks import sample_users, training_examples
-    from ulmrec.model import add_index_tokens, collate, encode, index_vocabulary, response_loss, wrap_lora
+    from ulmrec.model import add_index_tokens, encode, index_vocabulary, response_loss, wrap_lora
     from ulmrec.ranker import load_base
     from ulmrec.tasks import task_counts
+    from ulmrec.trainer import fit
 
     folder = out / "finetune"
     ckpt, adapter = folder / "checkpoint", folder / "adapter"
     if cfg.force and "finetune" in cfg.stages:
         import shutil
         shutil.rmtree(folder, ignore_errors=True)
-    state = read_state(ckpt) or {"step": 0, "done": False, "losses": []}
+    state = read_state(ckpt) or {"step": 0, "done": False}
     if state["done"] and adapter.exists():
         log.info("finetune already done (%d steps)", state["step"])
         return True
@@ -221,8 +224,6 @@ def stage_finetune(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> bool
                                  users, cfg.seed)
     if cfg.max_steps:  # (already shuffled) only what the run will reach gets tokenized
         examples = examples[: cfg.max_steps * cfg.batch_size]
-    steps_per_epoch = max(1, math.ceil(len(examples) / cfg.batch_size))
-    total = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.num_epochs))
     counts = task_counts(examples)
     log.info("examples used per task: %s; notes: %s", counts, notes)
 
@@ -230,62 +231,30 @@ def stage_finetune(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> bool
     model, tok = load_base(cfg.ranker_config())
     new_ids = add_index_tokens(model, tok, index_vocabulary(cfg.levels, cfg.codebook_size))
     model = wrap_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, new_ids)
-    device = next(model.parameters()).device
     encoded = [encode(tok, ex, cfg.prompt_format, cfg.max_len) for ex in examples]
-    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
-    sched = get_linear_schedule_with_warmup(optim, min(cfg.warmup_steps, total // 10 or 1), total)
-    if state["step"]:
-        load_checkpoint(ckpt, model, optim, sched)
-        log.info("resumed at step %d of %d", state["step"], total)
 
-    def save():
-        save_checkpoint(ckpt, model, optim, sched, state)
+    def save(model, name: str):
+        if name != "last":
+            return
 
-    model.train()
-    tokens = 0
-    t_train = time.time()
-    bar = tqdm(total=total, initial=state["step"], desc="lcrec finetune", unit="step")
-    while state["step"] < total:
-        # the order of each epoch comes from (seed, epoch): a resumed run replays it exactly
-        epoch, pos = divmod(state["step"], steps_per_epoch)
-        order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        idx = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size].tolist()
-        batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], tok.pad_token_id).items()}
-        loss = response_loss(model, batch)
-        loss.backward()
-        optim.step()
-        sched.step()
-        optim.zero_grad()
-        tokens += int(batch["attention_mask"].sum())
-        state["step"] += 1
-        state["losses"].append(round(loss.item(), 4))
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if state["step"] % 10 == 0 or state["step"] == total:
-            log.info("step %d/%d loss %.4f (mean of last 10: %.4f)", state["step"], total,
-                     loss.item(), float(np.mean(state["losses"][-10:])))
-        if state["step"] % cfg.ckpt_every == 0 and state["step"] < total:
-            save()
-        if cfg.stop_after and state["step"] >= cfg.stop_after and state["step"] < total:
-            save()
-            bar.close()
-            log.info("stopping at step %d as asked (--stop-after); rerun to resume", state["step"])
-            return False
-    bar.close()
-    secs = time.time() - t_train
+        def write(tmp: Path):
+            model.save_pretrained(tmp, save_embedding_layers=False)  # index rows travel as token deltas
+            save_tokenizer(tok, tmp, cfg.backbone)  # a reference to the base + added tokens
+            (tmp / "lcrec_config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
+        atomic_dir(adapter, write)
 
-    def write_adapter(tmp: Path):
-        model.save_pretrained(tmp, save_embedding_layers=False)  # index rows travel as token deltas
-        save_tokenizer(tok, tmp, cfg.backbone)  # a reference to the base + added tokens
-        (tmp / "lcrec_config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
-    atomic_dir(adapter, write_adapter)
-    state["done"] = True
-    save()
+    fitted = fit(model, encoded, cfg.training_args(), folder, loss_fn=response_loss,
+                 pad_id=tok.pad_token_id, seed=cfg.seed, save=save, ckpt_every=cfg.ckpt_every,
+                 desc="lcrec finetune")
+    if fitted.get("interrupted"):
+        return False
+    losses = fitted["losses"]
     atomic_write_json(folder / "train_summary.json", {
-        "dataset": ds.name, "steps": state["step"], "examples": counts, "notes": notes,
-        "train_users": cfg.train_users or ds.num_users, "first_losses": state["losses"][:10],
-        "last_losses": state["losses"][-10:], "train_seconds_this_process": round(secs, 1),
-        "tokens_per_s": round(tokens / secs, 1) if secs else None,
+        "dataset": ds.name, "steps": fitted["steps"], "examples": counts, "notes": notes,
+        "train_users": cfg.train_users or ds.num_users, "first_losses": losses[:10],
+        "last_losses": losses[-10:],
+        "train_seconds_this_process": round(fitted["train_seconds_this_process"], 1),
+        "tokens_per_s": round(fitted["train_tokens_per_s"], 1) if fitted["train_tokens_per_s"] else None,
         "total_seconds": round(time.time() - t0, 1), "config": asdict(cfg)})
     return True
 

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import logging
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,7 +59,7 @@ def _field_type(cls: type, f: dataclasses.Field) -> Any:
     hints = typing.get_type_hints(cls)
     tp = hints[f.name]
     origin = typing.get_origin(tp)
-    if origin is typing.Union:  # Optional[X] -> X
+    if origin in (typing.Union, types.UnionType):  # Optional[X] and X | None -> X
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         tp = args[0] if len(args) == 1 else str
         origin = typing.get_origin(tp)

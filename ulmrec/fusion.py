@@ -50,3 +50,19 @@ def fit_lambda(llm_probs, retriever_scores, target_pos, grid=LAMBDAS, k: int = 1
     best = max(curve, key=lambda lam: (curve[lam], -lam))
     return {"lambda": best, "val_ndcg": curve[best], "val_users": int(len(target_pos)),
             "curve": curve}
+
+
+def fit_residual_weight(retriever_scores: list[list[float]], target_pos, grid=LAMBDAS) -> dict:
+    """w of the residual ranker (ulmrec.model.response_loss): the retriever's temperature by
+    maximum likelihood, argmax_w mean log softmax(w · log-softmax(scores))[target], on lists
+    that hold their target (validation lists: held-out targets, as at test time). The residual model then starts from the
+    retriever's calibrated order and its LLM term learns the corrections.
+    Returns {"weight", "log_likelihood", "lists", "curve"}."""
+    pos = np.asarray(target_pos)
+    if len(pos) == 0:
+        raise ValueError("no lists with their target to fit the residual weight on")
+    retr = _log_softmax(np.asarray(retriever_scores, dtype=np.float64))          # [U, K]
+    rows = np.arange(len(pos))
+    curve = {float(w): float(_log_softmax(w * retr)[rows, pos].mean()) for w in grid}
+    best = max(curve, key=lambda w: (curve[w], -w))
+    return {"weight": best, "log_likelihood": curve[best], "lists": int(len(pos)), "curve": curve}

@@ -84,11 +84,23 @@ def rank_and_overall(ranks, retrieved, ks=(5, 10)) -> dict[str, dict[str, float]
     }
 
 
-def sample_eval_users(users, n: int, seed: int) -> list[int]:
+def sample_eval_users(users, n: int, seed: int, block: int = 0) -> list[int]:
     """The n test users every evaluator draws (all, sorted, when n is 0 or too large): one
-    rule, so that train.evaluate and train.lcrec score the same users with the same seed."""
+    rule, so that train.evaluate and train.lcrec score the same users with the same seed.
+    block b > 0 takes the next n users of the same shuffled draw: disjoint from every other
+    block, so that a result can be checked on a second sample."""
     import random
     pool = sorted(int(u) for u in users)
     if not n or n >= len(pool):
+        if block:
+            raise ValueError(f"block {block} of {n} users: there are only {len(pool)}")
         return pool
-    return sorted(random.Random(seed).sample(pool, n))
+    if (block + 1) * n > len(pool):
+        raise ValueError(f"block {block} of {n} users needs {(block + 1) * n}; there are {len(pool)}")
+    rng = random.Random(seed)
+    if block == 0:      # the draw every earlier table used
+        return sorted(rng.sample(pool, n))
+    order = rng.sample(pool, len(pool))
+    first = set(sample_eval_users(users, n, seed))
+    rest = [u for u in order if u not in first]
+    return sorted(rest[(block - 1) * n: block * n])

@@ -39,8 +39,11 @@ def encode(tokenizer, ex: Example, fmt: str, max_len: int, with_response: bool =
     truncated = len(p_ids) > budget
     if truncated:
         p_ids = p_ids[-budget:]
-    return {"input_ids": p_ids + r_ids, "labels": [IGNORE] * len(p_ids) + r_ids,
-            "truncated": truncated}
+    out = {"input_ids": p_ids + r_ids, "labels": [IGNORE] * len(p_ids) + r_ids,
+           "truncated": truncated}
+    if ex.prior is not None:
+        out["prior"] = list(ex.prior)
+    return out
 
 
 def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -54,7 +57,13 @@ def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         ids[row, width - n:] = torch.tensor(b["input_ids"])
         labels[row, width - n:] = torch.tensor(b["labels"])
         mask[row, width - n:] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any("prior" in b for b in batch):
+        # a row without retriever scores (a random list) gets a flat prior: no say in its order
+        k = max(len(b["prior"]) for b in batch if "prior" in b)
+        out["prior"] = torch.tensor([b.get("prior") or [0.0] * k for b in batch],
+                                    dtype=torch.float32)                       # [B, K]
+    return out
 
 
 def wrap_lora(model, r: int = 8, alpha: int = 32, dropout: float = 0.05,
@@ -80,7 +89,7 @@ def wrap_lora(model, r: int = 8, alpha: int = 32, dropout: float = 0.05,
 
 
 def response_loss(model, batch: dict[str, torch.Tensor], letter_ids: list[int] | None = None,
-                  per_example: bool = False) -> torch.Tensor:
+                  per_example: bool = False, residual_weight: float = 0.0) -> torch.Tensor:
     """Mean token cross-entropy over the response tokens, computing LM-head logits only for
     the last positions: with left padding every response sits at the end of its row, and a
     letter answer needs 2 of ~500 positions (the full-vocabulary logits dominate CPU steps).
@@ -91,7 +100,11 @@ def response_loss(model, batch: dict[str, torch.Tensor], letter_ids: list[int] |
 
     per_example: each response's mean, averaged over the batch. The token mean lets a
     40-token preference outweigh a 2-token letter answer 20 to 1, so in a six-task mix the
-    ranking task, next_item, gets ~3% of the gradient while being ~20% of the examples."""
+    ranking task, next_item, gets ~3% of the gradient while being ~20% of the examples.
+
+    residual_weight w (letters only): the listwise logits are the letter logits plus
+    w · log-softmax of the batch's retriever scores (`prior`), the sum the model is served
+    with, so the gradient reaches the LLM only where the retriever's order is wrong."""
     labels = batch["labels"]
     keep = int((labels != IGNORE).sum(dim=1).max()) + 1   # the logit at t predicts token t+1
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -109,7 +122,11 @@ def response_loss(model, batch: dict[str, torch.Tensor], letter_ids: list[int] |
         # a letter answer is exactly <letter><eos>: rating digits, index tokens and texts are not
         letters = (mask.sum(dim=1) == 2) & torch.isin(answers, ids)
         index = (answers[:, None] == ids[None]).float().argmax(dim=1)          # [B] 0..19
-        listwise = torch.nn.functional.cross_entropy(logits[rows, first][:, ids], index,
+        letter_logits = logits[rows, first][:, ids]                            # [B, K]
+        if residual_weight and "prior" in batch:
+            prior = batch["prior"].to(letter_logits.device)                    # [B, K]
+            letter_logits = letter_logits + residual_weight * torch.log_softmax(prior, dim=1)
+        listwise = torch.nn.functional.cross_entropy(letter_logits, index,
                                                      reduction="none")         # [B]
         at_first = torch.arange(mask.shape[1], device=mask.device)[None] == first[:, None]
         tok = torch.where(letters[:, None], listwise[:, None] * at_first, tok)  # EOS untrained

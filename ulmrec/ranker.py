@@ -52,6 +52,14 @@ class RankerConfig:
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: NF4 base weights (CUDA only)"})
+    residual: bool = field(default=False, metadata={
+        "help": "ULMRec as a residual over its retriever: the 20 letter logits plus w · the "
+                "log-softmax of the retriever's scores, trained (letters loss) and served as "
+                "one, so that the LLM learns only what the retriever gets wrong"})
+    residual_weight: float | None = field(default=None, metadata={
+        "help": "w of --residual; unset = fitted before training by maximum likelihood on the "
+                "validation lists that hold their target (the retriever's own calibration), "
+                "then saved with the run"})
     max_len: int = field(default=1536, metadata={"help": "token budget of a prompt + response"})
 
     def data_config(self) -> DataConfig:
@@ -99,6 +107,8 @@ def load_task_inputs(ds, cfg) -> tuple[TaskInputs, list[str]]:
                              f"before they were exported); rerun `python -m train.retrieve --dataset "
                              f"{ds.name} --model {cfg.retriever}` to re-export them")
         inp.retrieved = frame.set_index("user")["candidates"]
+        if "scores" in frame:
+            inp.retrieved_scores = frame.set_index("user")["scores"]
         held = frame["target_in_candidates"].mean()
         notes.append(f"next-item training candidates: the retriever's top-{cfg.num_candidates} for "
                      f"the last training item where it holds the target ({held:.1%} of users), "

@@ -42,6 +42,10 @@ class TaskConfig:
                 "or retriever-only (only those hard prompts: every next-item example looks like "
                 "a test prompt, as LlamaRec trains; on games 8,629 of 15,264 users)",
         "choices": ("random", "retriever", "retriever-only")})
+    shuffle_hard: bool = field(default=False, metadata={
+        "help": "show the retriever's hard training lists in a random order (the random lists "
+                "always are): a letter then says nothing about the retriever's rank, so the LLM "
+                "learns from the titles, not the list's positions; test lists keep their order"})
     no_history: bool = field(default=False, metadata={
         "help": "ULMRec-uid: next-item prompts show the index and candidates only"})
     index_prefix_examples: float = field(default=0.0, metadata={
@@ -64,6 +68,7 @@ class Example:
     response: str
     candidates: list[int] | None = None  # item ids in letter order (letter tasks)
     target: int | None = None            # the item the response names (letter tasks)
+    prior: list[float] | None = None     # the retriever's scores of `candidates` (hard lists)
 
 
 @dataclass
@@ -80,6 +85,7 @@ class TaskInputs:
     seen: pd.Series | None = None
     # user → the retriever's top-20 for the last training item (train_candidates=retriever)
     retrieved: pd.Series | None = None
+    retrieved_scores: pd.Series | None = None   # user → the retriever's scores of that list
 
 
 def user_index_strings(ds, kind: str, pid_table: pd.DataFrame | None = None) -> pd.Series | None:
@@ -134,23 +140,34 @@ def _seen(inp: TaskInputs, user: int, history: list[int]) -> set[int]:
 
 
 def _retrieved(inp: TaskInputs, user: int, target: int, n: int,
-               rng: random.Random | None = None) -> list[int] | None:
-    """The retriever's top-n for the user's last training item, if it holds the target.
+               rng: random.Random | None = None) -> tuple[list[int], list[float] | None] | None:
+    """The retriever's top-n for the user's last training item and their scores (None where
+    the export has none), if it holds the target.
 
     The user's other items (later ones above all: the validation and test items) never stand
     as wrong answers; lists exported before the retriever masked them lose those items and
-    are topped up with random unseen items (newer exports rank them out already)."""
+    are topped up with random unseen items (newer exports rank them out already), scored as
+    the list's lowest: they were outside the retriever's top-n."""
     if inp.retrieved is None or user not in inp.retrieved.index:
         return None
     own = inp.seen[user] if inp.seen is not None else set()
-    cands = [int(i) for i in inp.retrieved[user] if int(i) == target or int(i) not in own][:n]
+    scores = None
+    if inp.retrieved_scores is not None and user in inp.retrieved_scores.index:
+        scores = [float(x) for x in inp.retrieved_scores[user]]
+    kept = [(int(i), k) for k, i in enumerate(inp.retrieved[user])
+            if int(i) == target or int(i) not in own][:n]
+    cands = [i for i, _ in kept]
     if target not in cands:
         return None
+    prior = [scores[k] for _, k in kept] if scores is not None else None
     if len(cands) < n:
         rng = rng or random.Random(user)
         extra = _sample_candidates(rng, target, own | set(cands), inp.num_items, n - len(cands) + 1)
-        cands += [i for i in extra if i != target]
-    return cands
+        extra = [i for i in extra if i != target]
+        cands += extra
+        if prior is not None:
+            prior += [min(prior)] * len(extra)
+    return cands, prior
 
 
 def _index_line(inp: TaskInputs, user: int) -> str | None:
@@ -196,8 +213,8 @@ def _pick(rng: random.Random | None, task: str) -> str:
 
 
 def next_item_example(inp: TaskInputs, user: int, history: list[int], candidates: list[int],
-                      target: int | None, cfg: TaskConfig, rng: random.Random | None = None
-                      ) -> Example:
+                      target: int | None, cfg: TaskConfig, rng: random.Random | None = None,
+                      prior: list[float] | None = None) -> Example:
     """A next-item prompt; `target=None` builds an inference prompt with no answer."""
     lines = [_index_line(inp, user)]
     if not cfg.no_history:
@@ -205,7 +222,8 @@ def next_item_example(inp: TaskInputs, user: int, history: list[int], candidates
     lines.append(candidates_block([inp.titles[i] for i in candidates]))
     response = LETTERS[candidates.index(target)] if target is not None else ""
     return Example("next_item", user, _pick(rng, "next_item"),
-                   "\n".join(line for line in lines if line), response, list(candidates), target)
+                   "\n".join(line for line in lines if line), response, list(candidates), target,
+                   None if prior is None else list(prior))
 
 
 def training_examples(inp: TaskInputs, cfg: TaskConfig) -> list[Example]:
@@ -231,10 +249,19 @@ def training_examples(inp: TaskInputs, cfg: TaskConfig) -> list[Example]:
                         if end == len(seq) - 1 else None)
                 if only_hard and hard is None:
                     continue
-                cands = hard or _sample_candidates(
-                    rng, target, _seen(inp, user, history), inp.num_items, cfg.num_candidates)
+                prior = None
+                if hard is not None:
+                    cands, prior = hard
+                    if cfg.shuffle_hard:
+                        order = list(range(len(cands)))
+                        rng.shuffle(order)
+                        cands = [cands[k] for k in order]
+                        prior = None if prior is None else [prior[k] for k in order]
+                else:
+                    cands = _sample_candidates(rng, target, _seen(inp, user, history),
+                                               inp.num_items, cfg.num_candidates)
                 pools["next_item"].append(
-                    next_item_example(inp, user, history, cands, target, cfg, rng))
+                    next_item_example(inp, user, history, cands, target, cfg, rng, prior))
         pref = inp.preference.get(user) if inp.preference is not None else None
         has_pref = isinstance(pref, str) and pref.strip() != ""
         index = inp.index[user] if inp.index is not None else None
@@ -302,7 +329,9 @@ def eval_examples(ds, inp: TaskInputs, candidates: pd.DataFrame, split: str, cfg
         target = int(row["target"])
         if target not in cands:
             continue
-        out.append(next_item_example(inp, int(user), history[user], cands, target, cfg))
+        scores = [float(x) for x in row["scores"]][: cfg.num_candidates] if "scores" in row else None
+        out.append(next_item_example(inp, int(user), history[user], cands, target, cfg,
+                                     prior=scores if scores and len(scores) == len(cands) else None))
     frame = frame.assign(target_in_candidates=[
         int(t) in [int(c) for c in cs][: cfg.num_candidates]
         for t, cs in zip(frame["target"], frame["candidates"])])

@@ -1,0 +1,57 @@
+"""The one training loop (ulmrec.trainer.fit) gives the numbers the loops it replaced gave.
+
+The pinned values were printed by the ranker's and LC-Rec's own loops (train/finetune.py and
+train/lcrec.py before both moved onto `fit`) for exactly these tiny runs, on this project's
+CPU machine: dropout on, gradient accumulation 2, warm-up, validation and checkpoints every
+few steps. A change to the loop that moves any of them is a change of behaviour."""
+import json
+
+import pytest
+
+BEFORE_RANKER = {
+    "val_ndcg10": [0.295329538413604, 0.25770078895560633],
+    "loss": [10.833026885986328, 10.716178894042969],
+    "lr": [0.0, 0.01, 0.008, 0.006, 0.004, 0.002],
+    "test_rank_ndcg10": 0.3181189863765613, "test_rank_mrr10": 0.22534722222222223,
+}
+BEFORE_LCREC_LOSSES = [10.8522, 10.8215, 10.8615, 10.6802, 10.8609, 10.681]
+
+
+@pytest.fixture
+def one_thread(monkeypatch, tmp_path):
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("ULMREC_RUNS", str(tmp_path / "runs"))
+    yield tmp_path
+    torch.set_num_threads(threads)
+
+
+def test_ranker_run_reproduces_the_old_loop(one_thread):
+    from train import evaluate, finetune
+    data = ["--dataset", "gift-cards", "--tiny-backbone", "--retriever", "random",
+            "--index-kind", "oid", "--preference-source", "none", "--max-history", "3",
+            "--max-title-words", "4", "--max-len", "256"]
+    s = finetune.train(finetune.parse_config(finetune.FinetuneConfig, data + [
+        "--batch-size", "2", "--max-train-examples", "40", "--eval-users", "8",
+        "--lora-dropout", "0.1", "--learning-rate", "0.01", "--warmup-steps", "2",
+        "--grad-accum", "2", "--run-name", "g", "--max-steps", "6", "--eval-every", "3"]))
+    assert [h["NDCG@10"] for h in s["history"]] == pytest.approx(BEFORE_RANKER["val_ndcg10"], abs=1e-9)
+    assert [h["loss"] for h in s["history"]] == pytest.approx(BEFORE_RANKER["loss"], rel=1e-5)
+    assert s["lr"] == pytest.approx(BEFORE_RANKER["lr"], abs=1e-12)
+    out = one_thread / "results"
+    assert evaluate.main(data + ["--runs", "g", "--baselines", "retriever", "--max-users", "40",
+                                 "--results-dir", str(out)]) == 0
+    rank = json.loads((out / "gift-cards.json").read_text())["results"]["g"]["rank"]
+    assert rank["NDCG@10"] == pytest.approx(BEFORE_RANKER["test_rank_ndcg10"], abs=1e-9)
+    assert rank["MRR@10"] == pytest.approx(BEFORE_RANKER["test_rank_mrr10"], abs=1e-9)
+
+
+def test_lcrec_run_reproduces_the_old_loop(one_thread):
+    from train import lcrec
+    assert lcrec.main(["--dataset", "gift-cards", "--tiny-backbone", "--index-epochs", "5",
+                       "--max-steps", "6", "--batch-size", "2", "--prompt-format", "alpaca",
+                       "--max-history", "5", "--preference-source", "none", "--ckpt-every", "2",
+                       "--learning-rate", "0.01", "--stages", "index", "finetune"]) == 0
+    state = one_thread / "runs" / "gift-cards" / "lcrec" / "finetune" / "checkpoint" / "state.json"
+    assert json.loads(state.read_text())["losses"] == pytest.approx(BEFORE_LCREC_LOSSES, abs=2e-4)

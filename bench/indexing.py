@@ -22,7 +22,7 @@ from ulmrec.config import parse_config  # noqa: E402
 from ulmrec.data import load_dataset  # noqa: E402
 from ulmrec.indexing.encoder import embed, load_encoder  # noqa: E402
 from ulmrec.indexing.reviews import build_review_sets  # noqa: E402
-from ulmrec.indexing.table import atomic_write, runs_root  # noqa: E402
+from ulmrec.paths import atomic_write, runs_root  # noqa: E402
 
 
 @dataclass

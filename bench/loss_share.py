@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/lo
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train.finetune import FinetuneConfig
+    from ulmrec.finetune import FinetuneConfig
     from ulmrec.config import parse_config
     from ulmrec.data import load_dataset
     from ulmrec.model import IGNORE, encode

@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.finetune import FinetuneConfig  # noqa: E402
+from ulmrec.finetune import FinetuneConfig  # noqa: E402
 from ulmrec.config import parse_config  # noqa: E402
 from ulmrec.data import load_dataset  # noqa: E402
 from ulmrec.model import collate, encode, score_examples  # noqa: E402

@@ -16,7 +16,8 @@ from fake_hub import FakeHub
 from huggingface_hub import constants
 
 from train import push as push_cli
-from ulmrec.bundle import FORMAT, LCREC_DIR, LCREC_FILES, MANIFEST, REQUIRED_FILES, BundleError, sha256_file
+from ulmrec.bundle_format import FORMAT, LCREC_DIR, LCREC_FILES, MANIFEST, REQUIRED_FILES, BundleError
+from ulmrec.paths import sha256_file
 from ulmrec.hub import HubError, default_commit_message, download_bundle, push_bundle
 
 TOKEN = "hf_fakeWriteToken0123456789abcdef"

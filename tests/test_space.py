@@ -58,7 +58,7 @@ def test_on_a_space_the_hub_is_online_unless_said_otherwise(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     space.configure_environment()
-    from ulmrec.hub import is_offline
+    from ulmrec.paths import is_offline
     assert not is_offline()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     space.configure_environment()

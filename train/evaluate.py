@@ -32,9 +32,8 @@ from ulmrec.data.release import RELEASE_INDEX_NOTE
 from ulmrec.fusion import fit_lambda, fuse
 from ulmrec.metrics import rank_and_overall, sample_eval_users, target_ranks
 from ulmrec.model import score_examples
-from ulmrec.paths import REPO_ROOT, atomic_write, repo_path
-from ulmrec.ranker import (RankerConfig, load_base, load_candidates, load_ranker,
-                           load_task_inputs, runs_root)
+from ulmrec.paths import REPO_ROOT, atomic_write, repo_path, runs_root
+from ulmrec.ranker import RankerConfig, load_base, load_candidates, load_ranker, load_task_inputs
 from ulmrec.tasks import TaskConfig, eval_examples
 
 log = logging.getLogger("train.evaluate")

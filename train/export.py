@@ -24,7 +24,9 @@ import yaml
 
 from train.evaluate import results_stem
 from ulmrec import __version__
-from ulmrec.bundle import DECODE_DIR, FORMAT, LCREC_DIR, MANIFEST, ServeConfig, dataset_tables, sha256_file, verify_bundle
+from ulmrec.bundle import ServeConfig, dataset_tables
+from ulmrec.bundle_format import DECODE_DIR, FORMAT, LCREC_DIR, MANIFEST, verify_bundle
+from ulmrec.paths import sha256_file
 from ulmrec.config import from_dict, parse_config
 from ulmrec.data import load_dataset
 from ulmrec.hubcard import clean_for_hub, hub_base_id, scrub

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from .paths import cache_root
+
+from .paths import cache_root, is_offline
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,6 @@ def base_tokenizer(name_or_path: str | None = None):
     """The backbone's own tokenizer (always with a pad token); offline with HF_HUB_OFFLINE=1."""
     from transformers import AutoTokenizer
 
-    from .hub import is_offline
     offline = is_offline()  # HF_HUB_OFFLINE as huggingface_hub reads it (unset: online)
     tok = AutoTokenizer.from_pretrained(resolve_backbone(name_or_path), local_files_only=offline)
     if tok.pad_token is None:  # batched scoring needs one; it is never attended to
@@ -219,7 +219,6 @@ def load_backbone(name_or_path: str | None = None, device: str | None = None,
     from transformers import AutoModelForCausalLM
 
     source = resolve_backbone(name_or_path)
-    from .hub import is_offline
     offline = is_offline()  # HF_HUB_OFFLINE as huggingface_hub reads it (unset: online)
     t0 = time.time()
     tok = base_tokenizer(name_or_path)

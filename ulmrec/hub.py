@@ -30,7 +30,8 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from .bundle import BundleError, verify_bundle
+from .bundle_format import BundleError, verify_bundle
+from .paths import is_offline
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +48,6 @@ def hub_endpoint() -> str:
     huggingface_hub reads HF_ENDPOINT once, at import; reading it again here means an endpoint
     exported after import (a mirror, a test server) is still the one used."""
     return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
-
-
-def is_offline() -> bool:
-    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) the way huggingface_hub reads it, but checked
-    now (huggingface_hub reads it once, at import). Unset means online, as for huggingface_hub
-    itself: the one meaning for bundles and base models alike (ulmrec.ranker.load_base)."""
-    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:

@@ -83,3 +83,11 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def is_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) the way huggingface_hub reads it, but checked
+    now (huggingface_hub reads it once, at import). Unset means online, as for huggingface_hub
+    itself: the one meaning for bundles and base models alike (ulmrec.ranker.load_base)."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in {"1", "ON", "YES", "TRUE"}

@@ -119,3 +119,22 @@ def render(instruction: str, input_text: str, tokenizer=None, fmt: str = "auto")
     if fmt == "plain":
         return f"Instruction: {instruction}\nInput: {input_text}\nAnswer:"
     return f"### Instruction:\n{instruction}\n\n### Input:\n{input_text}\n\n### Response:\n"
+
+
+# ------------------------------------------------------------------ sentences
+
+_ABBREV = {"e.g", "i.e", "etc", "vs", "mr", "mrs", "ms", "dr", "st", "no", "vol", "approx",
+           "inc", "ltd", "co", "jr", "sr"}
+# a sentence end: . ! ? (or …) possibly followed by a closing quote/bracket, then space or end
+_END = re.compile(r"[.!?…]+[\"')\]]*(?=\s|$)")
+
+
+def sentence_ends(text: str) -> list[int]:
+    """Character offsets just after each complete sentence ('e.g.', 'Vol.' do not end one)."""
+    ends = []
+    for m in _END.finditer(text):
+        word = re.search(r"([A-Za-z][A-Za-z.]*)$", text[: m.start()])
+        if m.group().startswith(".") and word and word.group(1).lower().rstrip(".") in _ABBREV:
+            continue
+        ends.append(m.end())
+    return ends

@@ -18,6 +18,7 @@ from .model import add_index_tokens, index_vocabulary, wrap_lora
 from .tasks import TaskInputs, random_candidates, task_inputs, user_index_strings
 from .paths import runs_root
 from .prompts import PROMPT_FORMATS
+from .paths import is_offline
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,6 @@ def load_base(cfg: RankerConfig, for_training: bool = True):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .backbone import resolve_backbone
-    from .hub import is_offline
 
     source = resolve_backbone(cfg.backbone)
     offline = is_offline()  # HF_HUB_OFFLINE as huggingface_hub reads it: unset = online

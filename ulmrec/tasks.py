@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .prompts import INSTRUCTIONS, LETTERS, TASKS, candidates_block, history_line, shorten
+from .prompts import (INSTRUCTIONS, LETTERS, TASKS, candidates_block, history_line,
+                      sentence_ends, shorten)
 
 INDEX_KINDS = ("pid", "release", "nid", "oid", "none")
 INDEX_TASKS = ("index_to_pref", "pref_to_index", "history_to_index")
@@ -200,7 +201,6 @@ def _pref_response(pref: str, max_words: int) -> str:
     pref = " ".join(str(pref).split())
     if not max_words or len(pref.split()) <= max_words:
         return pref
-    from .decode import sentence_ends
     ends = sentence_ends(pref)
     fits = [e for e in ends if len(pref[:e].split()) <= max_words]
     if fits:

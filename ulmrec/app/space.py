@@ -133,7 +133,7 @@ def open_space(source: str | None = None, preload: bool = True, bf16: bool = Fal
     from ulmrec.bundle import BundleError
     from ulmrec.hub import HubError
 
-    from .cli import open_app
+    from .serving import open_app
     source = source or configured_bundle()
     if source is None:
         log.warning("no bundle configured (ULMREC_BUNDLE or README `models:`): serving the setup page")
@@ -153,7 +153,7 @@ def main(args, block: bool = True):
         log.info("ZeroGPU: ranking, decoding and catalogue generation run under spaces.GPU")
     data, demo = open_space(args.bundle, preload=not args.no_preload, bf16=args.bf16,
                             int8=args.int8)
-    from .cli import serve, set_threads
+    from .serving import serve, set_threads
     if data is not None:
         set_threads(args.threads, args.concurrency)
         log.info("serving %s (%d users)", data.bundle.root, len(data.users))

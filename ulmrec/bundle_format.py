@@ -1,0 +1,94 @@
+"""The bundle format: what `train.export` writes, `train.push` uploads and the app loads.
+
+A bundle is one folder (or a Hub model repo with the same files):
+
+    bundle.json                 manifest: format, dataset (name, fingerprint, sizes), backbone
+                                reference, index kind, preference source, sha256 of every file
+    adapter_config.json         the LoRA adapter (PEFT), index-token rows included
+    adapter_model.safetensors
+    tokenizer.json, tokenizer_config.json, …   the backbone tokenizer + the 1,024 index tokens,
+    or tokenizer_ref.json       or a reference to the backbone's tokenizer + the added tokens
+    ulmrec_config.json          the ranker/task configuration the adapter was trained with
+    user_index.parquet          reviewerID → index string (+ codes a,b,c,d where it has them)
+    candidates.parquet          reviewerID, split, retrieved asins in retriever order, scores
+    fusion.json                 (optional) the retriever-prior weight λ fitted on validation users
+    metrics.json                the evaluation payload (Rank/Overall per system)
+    config.yaml                 the pipeline configuration that made it
+    README.md                   Hub model card
+    items.parquet, users.parquet   only when the bundle carries its data (includes_data)
+    lcrec/                      optional (manifest key "lcrec"): an LC-Rec adapter + tokenizer,
+                                lcrec_config.json, item_index.parquet (asin → item index) and
+                                metrics.json: the app's whole-catalogue mode
+    decode/                     optional (manifest key "decode"): an adapter trained for
+                                index → preference text (its own prompt format in
+                                ulmrec_config.json), used by decode(); else the ranker decodes
+
+A bundle without data is joined at load time with the dataset under ULMREC_DATA.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .paths import sha256_file
+
+FORMAT = "ulmrec-bundle/1"
+MANIFEST = "bundle.json"
+REQUIRED_FILES = (MANIFEST, "adapter_config.json", "adapter_model.safetensors",
+                  "ulmrec_config.json", "user_index.parquet",
+                  "candidates.parquet", "metrics.json", "config.yaml", "README.md")
+# a tokenizer: its own files (older bundles), or a reference to the base backbone's tokenizer
+# + the added tokens (ulmrec.backbone.save_tokenizer)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+TOKENIZER_REF = "tokenizer_ref.json"
+DATA_FILES = ("items.parquet", "users.parquet")
+LCREC_DIR = "lcrec"
+LCREC_FILES = ("adapter_config.json", "adapter_model.safetensors", "lcrec_config.json",
+               "item_index.parquet", "metrics.json")
+# the LC-Rec part keeps its own tokenizer only when it differs from the ranker's
+# (manifest lcrec.tokenizer "own"); the same index vocabulary usually makes them identical
+LCREC_TOKENIZER = ("tokenizer.json", "tokenizer_config.json")
+# a separate index → preference adapter: a ranker tuned for letters is a poor writer, and a
+# writer needs all four attention projections and its own prompt format (docs/decode.md)
+DECODE_DIR = "decode"
+DECODE_FILES = ("adapter_config.json", "adapter_model.safetensors", "ulmrec_config.json")
+
+
+class BundleError(Exception):
+    """A bundle that cannot be used: missing or corrupt files, wrong format."""
+
+
+def verify_bundle(folder: str | Path, check_hashes: bool = True) -> dict:
+    """The manifest of a complete bundle; BundleError naming what is missing or corrupt."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BundleError(f"{folder}: no such bundle folder")
+    if not (folder / MANIFEST).exists():
+        raise BundleError(f"{folder}: missing {MANIFEST} (not an ULMRec bundle, or a partial copy)")
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{folder / MANIFEST}: corrupt manifest ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise BundleError(f"{folder / MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    needed = list(REQUIRED_FILES) + (list(DATA_FILES) if manifest.get("includes_data") else [])
+    needed += _tokenizer_files(folder)
+    for key, sub, files in (("lcrec", LCREC_DIR, LCREC_FILES), ("decode", DECODE_DIR, DECODE_FILES)):
+        if manifest.get(key):       # an optional second adapter: its files, its own tokenizer or none
+            own = manifest[key].get("tokenizer", "own") == "own"
+            needed += [f"{sub}/{f}" for f in files + (_tokenizer_files(folder / sub) if own else ())]
+    missing = [f for f in needed if not (folder / f).is_file()]
+    if missing:
+        raise BundleError(f"{folder}: incomplete bundle, missing {', '.join(missing)}")
+    if check_hashes:
+        for name, digest in manifest.get("files", {}).items():
+            path = folder / name
+            if not path.is_file():
+                raise BundleError(f"{folder}: incomplete bundle, missing {name}")
+            if sha256_file(path) != digest:
+                raise BundleError(f"{path}: corrupt (sha256 differs from the manifest)")
+    return manifest
+
+
+def _tokenizer_files(folder: Path) -> tuple[str, ...]:
+    return (TOKENIZER_REF,) if (folder / TOKENIZER_REF).is_file() else TOKENIZER_FILES

@@ -98,12 +98,14 @@ def main(argv=None) -> int:
     ap.add_argument("--bootstrap", type=int, default=10_000)
     ap.add_argument("--block", type=int, default=0,
                     help="the disjoint user sample `train.evaluate --sample-block B` scored (0 = the usual)")
+    ap.add_argument("--orders", type=int, default=1,
+                    help="read the predictions `train.evaluate --test-orders N` wrote (1 = one order)")
     ap.add_argument("--out", default=None, help="JSON of the pairs (default results/paired-<dataset>.json)")
     args = ap.parse_args(argv)
 
     frames = {}
     for run in args.runs:
-        block = f"_b{args.block}" if args.block else ""
+        block = (f"_b{args.block}" if args.block else "") + (f"_o{args.orders}" if args.orders > 1 else "")
         path = runs_root() / args.dataset / "finetune" / run / f"test_predictions{block}.parquet"
         if not path.exists():
             print(f"error: {path} not found (run `python -m train.evaluate --runs {run}` first)",
@@ -121,7 +123,8 @@ def main(argv=None) -> int:
             alone = llm_term(f.loc[users].reset_index())
             scores[f"{run} (LLM term alone)"] = per_user(alone)[0]
             habits[f"{run} (LLM term alone)"] = position_habits(alone)
-        fit = runs_root() / args.dataset / "finetune" / run / "fusion.json"
+        fit = runs_root() / args.dataset / "finetune" / run / \
+            f"fusion{f'_o{args.orders}' if args.orders > 1 else ''}.json"
         if fit.exists() and "retriever_scores" in f:       # λ fitted on validation users
             lam = json.loads(fit.read_text())["lambda"]
             scores[f"{run} + retriever prior"] = fused_per_user(f.loc[users].reset_index(), lam)

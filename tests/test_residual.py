@@ -153,6 +153,11 @@ def test_residual_run_trains_evaluates_and_pairs_as_its_sum(tmp_path, monkeypatc
     shown = np.stack(pred["probs"].map(np.asarray))
     np.testing.assert_allclose(np.log(shown) - np.log(shown).max(axis=1, keepdims=True),
                                summed - summed.max(axis=1, keepdims=True), atol=1e-6)
+    # two candidate orders: a row of its own, predictions beside the one-order ones
+    assert evaluate.main(data + ["--runs", "res", "--baselines", "retriever", "--max-users", "200",
+                                 "--test-orders", "2", "--results-dir", str(tmp_path / "o2")]) == 0
+    assert "res × 2 orders" in json.loads((tmp_path / "o2" / "gift-cards.json").read_text())["results"]
+    assert (run / "test_predictions_o2.parquet").exists()
     import subprocess
     import sys
     from pathlib import Path
@@ -162,3 +167,49 @@ def test_residual_run_trains_evaluates_and_pairs_as_its_sum(tmp_path, monkeypatc
                           capture_output=True, text=True, env={**__import__("os").environ})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "res (LLM term alone)" in proc.stdout and "top letter A" in proc.stdout
+
+
+def test_averaging_over_orders_takes_each_items_score_back_to_it(gift_cards):
+    """score_orders: one order is score_examples; with a model that only reads positions (its
+    letter logits fixed), averaging over shuffled orders flattens what position gave."""
+    from ulmrec.model import score_examples, score_orders
+    from ulmrec.ranker import load_base, load_candidates, load_task_inputs
+    from ulmrec.finetune import FinetuneConfig
+    from ulmrec.tasks import eval_examples
+    cfg = FinetuneConfig(dataset="gift-cards", tiny_backbone=True, retriever="random",
+                         index_kind="oid", preference_source="none", max_history=3,
+                         max_title_words=4)
+    inp, _ = load_task_inputs(gift_cards, cfg)
+    exs, _ = eval_examples(gift_cards, inp, load_candidates(gift_cards, cfg, "test"), "test", cfg)
+    exs = exs[:3]
+    model, tok = load_base(cfg)
+    kw = dict(max_len=512, progress=False)
+    one, _ = score_orders(model, tok, exs, orders=1, **kw)
+    np.testing.assert_allclose(one.numpy(), score_examples(model, tok, exs, **kw)[0].numpy())
+    mean, probs = score_orders(model, tok, exs, orders=3, seed=1, **kw)
+    assert mean.shape == (3, 20) and torch.allclose(probs.sum(1), torch.ones(3), atol=1e-5)
+    # by hand: the second order, scored as its own prompts, maps back item by item
+    import random
+    from dataclasses import replace as dc_replace
+    from ulmrec.prompts import LETTERS, candidates_block
+    rng = random.Random(1)
+    orders = [list(range(20))]
+    for _ in range(2):
+        ps = [list(range(20)) for _ in exs]
+        for p in ps:
+            rng.shuffle(p)
+        orders.append(ps)
+    want = torch.zeros(3, 20)
+    for k, ps in enumerate(orders):
+        ps = ps if k else [list(range(20))] * 3
+        shown = []
+        for ex, p in zip(exs, ps):
+            head, _, block = ex.input.rpartition("Candidates:\n")
+            titles = [line.split(") ", 1)[1] for line in block.split("\n")]
+            cands = [ex.candidates[j] for j in p]
+            shown.append(dc_replace(ex, candidates=cands, input=head + candidates_block([titles[j] for j in p]),
+                                    response=LETTERS[cands.index(ex.target)]))
+        _, pr = score_examples(model, tok, shown, **kw)
+        for row, p in enumerate(ps):
+            want[row, p] += torch.log(pr[row])
+    np.testing.assert_allclose(mean.numpy(), (want / 3).numpy(), rtol=1e-5, atol=1e-5)

@@ -31,7 +31,7 @@ from ulmrec.data import load_dataset
 from ulmrec.data.release import RELEASE_INDEX_NOTE
 from ulmrec.fusion import fit_lambda, fuse
 from ulmrec.metrics import rank_and_overall, sample_eval_users, target_ranks
-from ulmrec.model import score_examples
+from ulmrec.model import score_orders
 from ulmrec.paths import REPO_ROOT, atomic_write, repo_path, runs_root
 from ulmrec.ranker import RankerConfig, load_base, load_candidates, load_ranker, load_task_inputs
 from ulmrec.tasks import TaskConfig, eval_examples
@@ -55,6 +55,10 @@ class EvaluateConfig(RankerConfig, TaskConfig):
     fusion_val_users: int = field(default=0, metadata={
         "help": "validation users (target retrieved) to fit each run's retriever-prior weight on; "
                 "adds a '<run> + retriever prior' row (0 = no fusion row)"})
+    test_orders: int = field(default=1, metadata={
+        "help": "score each list in this many candidate orders (its own + shuffles) and average "
+                "the items' letter log-probabilities (permutation self-consistency; costs as many "
+                "forward passes); rows are named '<run> × N orders'"})
     batch_size: int = 8
     results_dir: str = "results"
 
@@ -136,8 +140,9 @@ def _fit_fusion(ds, model, tok, inp, scfg, cfg) -> dict:
                for t, cs in zip(val["target"], val["candidates"])]]
     keep = sample_eval_users(val["user"], cfg.fusion_val_users, cfg.seed + 1)
     examples, frame = eval_examples(ds, inp, val, "val", scfg, sorted(keep))
-    _, probs = score_examples(model, tok, examples, scfg.prompt_format, scfg.max_len,
-                              cfg.batch_size, scfg.num_candidates)
+    _, probs = score_orders(model, tok, examples, cfg.test_orders, cfg.seed + 1,
+                            fmt=scfg.prompt_format, max_len=scfg.max_len,
+                            batch_size=cfg.batch_size, n_letters=scfg.num_candidates)
     pos = np.array([ex.candidates.index(ex.target) for ex in examples])
     return fit_lambda(probs.numpy(), _retriever_scores(frame, examples, scfg.num_candidates), pos)
 
@@ -194,8 +199,12 @@ def main(argv: list[str] | None = None) -> int:
         notes = leak_notes(notes, scfg)
         examples, frame = eval_examples(ds, inp, cands, "test", scfg, users)
         stats: dict = {}
-        scores, probs = score_examples(model, tok, examples, scfg.prompt_format, scfg.max_len,
-                                       cfg.batch_size, scfg.num_candidates, stats=stats)
+        scores, probs = score_orders(model, tok, examples, cfg.test_orders, cfg.seed,
+                                     fmt=scfg.prompt_format, max_len=scfg.max_len,
+                                     batch_size=cfg.batch_size, n_letters=scfg.num_candidates,
+                                     stats=stats)
+        if cfg.test_orders > 1:
+            name = f"{name} × {cfg.test_orders} orders"
         retr = _retriever_scores(frame, examples, scfg.num_candidates)
         llm_alone = None
         if scfg.residual:   # the run ranks by the sum it was trained as; its LLM term beside it
@@ -228,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             fused["fusion"] = {k: v for k, v in fit.items() if k != "curve"}
             fused.update({k: res[k] for k in ("truncated_prompts", "leak_prone", "notes")})
             results[f"{name} + retriever prior"] = fused
-            atomic_write(folder.parent / f"fusion{'_uid' if scfg.no_history else ''}.json",
+            orders = f"_o{cfg.test_orders}" if cfg.test_orders > 1 else ""
+            atomic_write(folder.parent / f"fusion{'_uid' if scfg.no_history else ''}{orders}.json",
                          lambda p: p.write_text(json.dumps(fit, indent=1)))
             log.info("%s + retriever prior: λ %.2f (val NDCG@10 %.4f on %d users), Rank NDCG@10 "
                      "%.4f", name, fit["lambda"], fit["val_ndcg"], fit["val_users"],
@@ -243,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "probs": shown.tolist(),
                                  "llm_probs": probs.numpy().tolist(),
                                  "retriever_scores": retr.tolist()})
-            block = f"_b{cfg.sample_block}" if cfg.sample_block else ""
+            block = (f"_b{cfg.sample_block}" if cfg.sample_block else "") + \
+                (f"_o{cfg.test_orders}" if cfg.test_orders > 1 else "")
             name = f"test_predictions{'_uid' if scfg.no_history else ''}{block}.parquet"
             atomic_write(folder.parent / name, lambda p: pred.to_parquet(p, index=False))
         del model

@@ -234,3 +234,43 @@ def score_examples(model, tokenizer, examples: list[Example], fmt: str = "auto",
     if not scores:
         return torch.zeros(0, n_letters), torch.zeros(0, n_letters)
     return torch.cat(scores), torch.cat(probs)
+
+
+def score_orders(model, tokenizer, examples: list[Example], orders: int, seed: int = 0,
+                 **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """score_examples averaged over `orders` candidate orders (permutation self-consistency):
+    the identity and orders-1 random shuffles of each list, each item's letter log-probability
+    taken back to the item's own place, then averaged. What the LLM gives a letter because of
+    its place washes out; what it gives an item stays. Returns (mean log-probabilities,
+    their softmax) [N, K] in the examples' own candidate order; orders=1 is score_examples."""
+    import random
+    from dataclasses import replace
+
+    from .prompts import LETTERS, candidates_block
+    if orders <= 1:
+        return score_examples(model, tokenizer, examples, **kwargs)
+    rng = random.Random(seed)
+    total = None
+    for k in range(orders):
+        perms = [list(range(len(ex.candidates))) for ex in examples]
+        if k:
+            for p in perms:
+                rng.shuffle(p)
+        shown = []
+        for ex, p in zip(examples, perms):
+            # the candidate block closes every next-item prompt: rebuilt in the new order
+            head, _, block = ex.input.rpartition("Candidates:\n")
+            titles = [line.split(") ", 1)[1] for line in block.split("\n")]
+            cands = [ex.candidates[j] for j in p]
+            shown.append(replace(
+                ex, candidates=cands, input=head + candidates_block([titles[j] for j in p]),
+                prior=None if ex.prior is None else [ex.prior[j] for j in p],
+                response=LETTERS[cands.index(ex.target)] if ex.target is not None else ""))
+        _, probs = score_examples(model, tokenizer, shown, **kwargs)
+        logp = torch.log(probs.clamp_min(1e-30))                                   # [N, K] shown order
+        back = torch.empty_like(logp)
+        for row, p in enumerate(perms):
+            back[row, p] = logp[row]                                               # item j ← its letter
+        total = back if total is None else total + back
+    mean = total / orders
+    return mean, torch.softmax(mean, dim=1)

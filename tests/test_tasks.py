@@ -261,3 +261,23 @@ def test_retriever_training_candidates_are_hard_and_leak_free(gift_cards, inputs
         load_task_inputs(gift_cards, ServeConfig(index_kind="none", retriever="random",
                                                  preference_source="none",
                                                  train_candidates="retriever"))
+
+
+def test_a_task_is_one_registered_builder_and_ratios_default_to_all(inputs, monkeypatch):
+    """A seventh task needs its builder only: the default config keeps every example of each
+    task, with no ratio to list; a ratio list that does not match the tasks is an error."""
+    from ulmrec import tasks as T
+    from ulmrec.tasks import Example
+
+    def echo(inp, u, cfg, rng):
+        return [Example("echo", u.user, "Repeat the last title.", inp.titles[u.seq[-1]], inp.titles[u.seq[-1]])]
+    monkeypatch.setitem(T.TASK_BUILDERS, "echo", echo)
+    cfg = TaskConfig(tasks=("history_to_index", "echo"))
+    assert cfg.task_ratio == () and T.task_ratios(cfg) == {"history_to_index": 1.0, "echo": 1.0}
+    exs = training_examples(inputs, cfg)
+    n_users = len(inputs.train)
+    assert sum(e.task == "echo" for e in exs) == n_users == sum(e.task == "history_to_index" for e in exs)
+    with pytest.raises(ValueError, match="2 tasks"):
+        training_examples(inputs, replace(cfg, task_ratio=(1.0,)))
+    with pytest.raises(ValueError, match="unknown task"):
+        training_examples(inputs, replace(cfg, tasks=("nope",)))

@@ -26,8 +26,8 @@ from ulmrec.indexing.collisions import CollisionError, collision_stats
 from ulmrec.indexing.encoder import embed_cached, load_encoder
 from ulmrec.indexing.fit import IndexConfig, Inputs, make_index, save_weights, train
 from ulmrec.indexing.reviews import build_review_sets
-from ulmrec.indexing.table import (atomic_write, build_table, codebook_usage, release_codes,
-                                   runs_root, write_table)
+from ulmrec.indexing.table import build_table, codebook_usage, release_codes, write_table
+from ulmrec.paths import atomic_write, runs_root
 
 log = logging.getLogger("train.index")
 

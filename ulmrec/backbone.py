@@ -39,7 +39,6 @@ from .paths import cache_root, is_offline
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)

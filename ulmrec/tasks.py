@@ -26,8 +26,9 @@ INDEX_TASKS = ("index_to_pref", "pref_to_index", "history_to_index")
 class TaskConfig:
     """Which tasks, in what proportion, and what the prompts show."""
     tasks: tuple[str, ...] = field(default=TASKS, metadata={"help": f"subset of {TASKS}"})
-    task_ratio: tuple[float, ...] = field(default=(1.0, 1.0, 1.0, 1.0, 1.0, 1.0), metadata={
-        "help": "fraction of each task's examples kept (same order as --tasks)"})
+    task_ratio: tuple[float, ...] = field(default=(), metadata={
+        "nargs": "*",
+        "help": "fraction of each task's examples kept, in --tasks' order (none given: all of each)"})
     index_kind: str = field(default="pid", metadata={
         "help": "pid = our user index, release = the authors' index, nid = numeric id, "
                 "oid = original reviewerID, none = no user index", "choices": INDEX_KINDS})
@@ -226,78 +227,130 @@ def next_item_example(inp: TaskInputs, user: int, history: list[int], candidates
                    None if prior is None else list(prior))
 
 
+@dataclass
+class _User:
+    """One user as every task builder sees them (training part of the sequence only)."""
+    user: int
+    seq: list[int]
+    pref: str | None          # the preference text, None where there is none
+    index: str | None         # the index string, None for index kind 'none'
+
+
+def _next_item(inp: TaskInputs, u: _User, cfg: TaskConfig, rng: random.Random) -> list[Example]:
+    """Every training prefix → its next item (the last prefix: the retriever's hard list where
+    it holds the target, with train_candidates retriever / retriever-only)."""
+    only_hard = cfg.train_candidates == "retriever-only"     # the last prefix, hard lists only
+    prefixes = 1 if only_hard else cfg.max_prefixes_per_user
+    ends = range(len(u.seq) - 1, 0, -1)
+    if prefixes:
+        ends = list(ends)[:prefixes]
+    out = []
+    for end in ends:
+        target, history = u.seq[end], u.seq[:end]
+        hard = (_retrieved(inp, u.user, target, cfg.num_candidates, rng)
+                if end == len(u.seq) - 1 else None)
+        if only_hard and hard is None:
+            continue
+        prior = None
+        if hard is not None:
+            cands, prior = hard
+            if cfg.shuffle_hard:
+                order = list(range(len(cands)))
+                rng.shuffle(order)
+                cands = [cands[k] for k in order]
+                prior = None if prior is None else [prior[k] for k in order]
+        else:
+            cands = _sample_candidates(rng, target, _seen(inp, u.user, history), inp.num_items,
+                                       cfg.num_candidates)
+        out.append(next_item_example(inp, u.user, history, cands, target, cfg, rng, prior))
+    return out
+
+
+def _index_to_pref(inp: TaskInputs, u: _User, cfg: TaskConfig, rng: random.Random) -> list[Example]:
+    if u.index is None or u.pref is None:
+        return []
+    short = _pref_response(u.pref, cfg.pref_max_words)
+    out = [Example("index_to_pref", u.user, _pick(rng, "index_to_pref"), f"User index: {u.index}", short)]
+    for prefix in _index_prefixes(u.index, cfg.index_prefix_examples, rng):
+        out.append(Example("index_to_pref", u.user, _pick(rng, "index_to_pref"),
+                           f"User index: {prefix}", short))
+    return out
+
+
+def _pref_to_index(inp: TaskInputs, u: _User, cfg: TaskConfig, rng: random.Random) -> list[Example]:
+    if u.index is None or u.pref is None:
+        return []
+    return [Example("pref_to_index", u.user, _pick(rng, "pref_to_index"), f"Preferences: {u.pref}", u.index)]
+
+
+def _history_to_index(inp: TaskInputs, u: _User, cfg: TaskConfig, rng: random.Random) -> list[Example]:
+    if u.index is None:
+        return []
+    hist = u.seq[-cfg.max_history:]
+    return [Example("history_to_index", u.user, _pick(rng, "history_to_index"),
+                    history_line([inp.titles[i] for i in hist]), u.index)]
+
+
+def _rating(inp: TaskInputs, u: _User, cfg: TaskConfig, rng: random.Random) -> list[Example]:
+    if inp.ratings is None or len(u.seq) < 2:
+        return []
+    hist = u.seq[-cfg.max_history:]
+    rates = inp.ratings[u.user][-len(hist):]
+    shown = [f"{inp.titles[i]} (rating: {r:g})" for i, r in zip(hist[:-1], rates[:-1])]
+    shown.append(f"{inp.titles[hist[-1]]} (rating: ?)")
+    lines = [_index_line(inp, u.user), f"Preferences: {u.pref}" if u.pref is not None else None,
+             "User history: " + "; ".join(shown)]
+    return [Example("rating", u.user, _pick(rng, "rating"), "\n".join(x for x in lines if x),
+                    f"{rates[-1]:g}")]
+
+
+def _intent(inp: TaskInputs, u: _User, cfg: TaskConfig, rng: random.Random) -> list[Example]:
+    if u.pref is None:
+        return []
+    target = u.seq[-1]
+    cands = _sample_candidates(rng, target, _seen(inp, u.user, u.seq[:-1]), inp.num_items,
+                               cfg.num_candidates)
+    text = f"Preferences: {u.pref}\n" + candidates_block([inp.titles[i] for i in cands])
+    return [Example("intent", u.user, _pick(rng, "intent"), text, LETTERS[cands.index(target)],
+                    cands, target)]
+
+
+# One builder per task: (inputs, user, config, rng) → that user's examples. Within a user they
+# run in this order, whatever --tasks says, so a run's examples depend on its seed alone.
+# A new task: its instructions in prompts.INSTRUCTIONS, its builder here.
+TASK_BUILDERS = {"next_item": _next_item, "index_to_pref": _index_to_pref,
+                 "pref_to_index": _pref_to_index, "history_to_index": _history_to_index,
+                 "rating": _rating, "intent": _intent}
+
+
+def task_ratios(cfg: TaskConfig) -> dict[str, float]:
+    """task → the fraction of its examples kept: --task-ratio in --tasks' order, or 1.0 each."""
+    if not cfg.task_ratio:
+        return {t: 1.0 for t in cfg.tasks}
+    if len(cfg.task_ratio) != len(cfg.tasks):
+        raise ValueError(f"task_ratio has {len(cfg.task_ratio)} entries for {len(cfg.tasks)} tasks")
+    return dict(zip(cfg.tasks, cfg.task_ratio))
+
+
 def training_examples(inp: TaskInputs, cfg: TaskConfig) -> list[Example]:
     """All training examples of the configured tasks, sampled by ratio and shuffled."""
     rng = random.Random(cfg.seed)
-    if len(cfg.task_ratio) != len(cfg.tasks):
-        raise ValueError(f"task_ratio has {len(cfg.task_ratio)} entries for {len(cfg.tasks)} tasks")
-    unknown = set(cfg.tasks) - set(TASKS)
+    ratios = task_ratios(cfg)
+    unknown = set(cfg.tasks) - set(TASK_BUILDERS)
     if unknown:
-        raise ValueError(f"unknown task(s) {sorted(unknown)}; known: {TASKS}")
+        raise ValueError(f"unknown task(s) {sorted(unknown)}; known: {tuple(TASK_BUILDERS)}")
     pools: dict[str, list[Example]] = {t: [] for t in cfg.tasks}
-    only_hard = cfg.train_candidates == "retriever-only"     # the last prefix, hard lists only
-    prefixes = 1 if only_hard else cfg.max_prefixes_per_user
     for user, seq in inp.train.items():
         user = int(user)
-        if "next_item" in pools:
-            ends = range(len(seq) - 1, 0, -1)
-            if prefixes:
-                ends = list(ends)[:prefixes]
-            for end in ends:
-                target, history = seq[end], seq[:end]
-                hard = (_retrieved(inp, user, target, cfg.num_candidates, rng)
-                        if end == len(seq) - 1 else None)
-                if only_hard and hard is None:
-                    continue
-                prior = None
-                if hard is not None:
-                    cands, prior = hard
-                    if cfg.shuffle_hard:
-                        order = list(range(len(cands)))
-                        rng.shuffle(order)
-                        cands = [cands[k] for k in order]
-                        prior = None if prior is None else [prior[k] for k in order]
-                else:
-                    cands = _sample_candidates(rng, target, _seen(inp, user, history),
-                                               inp.num_items, cfg.num_candidates)
-                pools["next_item"].append(
-                    next_item_example(inp, user, history, cands, target, cfg, rng, prior))
         pref = inp.preference.get(user) if inp.preference is not None else None
         has_pref = isinstance(pref, str) and pref.strip() != ""
-        index = inp.index[user] if inp.index is not None else None
-        hist = seq[-cfg.max_history:]
-        if index is not None and has_pref:
-            if "index_to_pref" in pools:
-                short = _pref_response(pref, cfg.pref_max_words)
-                pools["index_to_pref"].append(Example("index_to_pref", user, _pick(rng, "index_to_pref"),
-                                                      f"User index: {index}", short))
-                for prefix in _index_prefixes(index, cfg.index_prefix_examples, rng):
-                    pools["index_to_pref"].append(Example(
-                        "index_to_pref", user, _pick(rng, "index_to_pref"), f"User index: {prefix}", short))
-            if "pref_to_index" in pools:
-                pools["pref_to_index"].append(Example("pref_to_index", user, _pick(rng, "pref_to_index"),
-                                                      f"Preferences: {pref}", index))
-        if index is not None and "history_to_index" in pools:
-            pools["history_to_index"].append(Example(
-                "history_to_index", user, _pick(rng, "history_to_index"),
-                history_line([inp.titles[i] for i in hist]), index))
-        if "rating" in pools and inp.ratings is not None and len(seq) >= 2:
-            rates = inp.ratings[user][-len(hist):]
-            shown = [f"{inp.titles[i]} (rating: {r:g})" for i, r in zip(hist[:-1], rates[:-1])]
-            shown.append(f"{inp.titles[hist[-1]]} (rating: ?)")
-            lines = [_index_line(inp, user), f"Preferences: {pref}" if has_pref else None,
-                     "User history: " + "; ".join(shown)]
-            pools["rating"].append(Example("rating", user, _pick(rng, "rating"),
-                                           "\n".join(x for x in lines if x), f"{rates[-1]:g}"))
-        if "intent" in pools and has_pref:
-            target = seq[-1]
-            cands = _sample_candidates(rng, target, _seen(inp, user, seq[:-1]), inp.num_items,
-                                       cfg.num_candidates)
-            text = f"Preferences: {pref}\n" + candidates_block([inp.titles[i] for i in cands])
-            pools["intent"].append(Example("intent", user, _pick(rng, "intent"), text,
-                                           LETTERS[cands.index(target)], cands, target))
+        u = _User(user, seq, pref if has_pref else None,
+                  inp.index[user] if inp.index is not None else None)
+        for task, build in TASK_BUILDERS.items():
+            if task in pools:
+                pools[task].extend(build(inp, u, cfg, rng))
     out: list[Example] = []
-    for task, ratio in zip(cfg.tasks, cfg.task_ratio):
+    for task, ratio in ratios.items():
         pool = pools[task]
         # a ratio above 1 repeats the pool (2.5 = every example twice, half of them thrice)
         copies, frac = (int(ratio), ratio - int(ratio)) if ratio > 1 else (0, ratio)

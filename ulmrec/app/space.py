@@ -17,9 +17,11 @@ import os
 import re
 from pathlib import Path
 
+from ..paths import REPO_ROOT
+
 log = logging.getLogger("ulmrec.app.space")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+
 # Bundle methods that run the model: what ZeroGPU must hold a GPU for
 GPU_METHODS = ("rank", "decode_many", "recommend_catalogue")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

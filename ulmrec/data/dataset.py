@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..paths import cache_root, sha256_file
+from ..paths import REPO_ROOT, cache_root, sha256_file
 from .amazon import DataError, item_titles, read_meta, read_reviews
 from .process import build_split
 from .release import read_release
@@ -41,7 +41,7 @@ READER_VERSION = 2
 TABLES = ("users", "items", "interactions")
 # how to read, not what to make: the same processed data either way
 POLICY_FIELDS = ("strict", "allow_truncated", "use_cache")
-REPO_ROOT = Path(__file__).resolve().parents[2]
+
 
 # Named sources under the shared data root: (kind, folder, reviews file, meta file).
 SOURCES = {

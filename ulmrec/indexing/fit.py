@@ -21,7 +21,8 @@ from .attention import ReviewAttention, batch_reviews
 from .collisions import resolve_collisions
 from .reviews import ReviewSets
 from .rqvae import RQVAE, RQVAEConfig, loss_fn
-from .table import INDEX_KINDS, atomic_write, codebook_usage
+from ..paths import atomic_write
+from .table import INDEX_KINDS, codebook_usage
 
 log = logging.getLogger(__name__)
 

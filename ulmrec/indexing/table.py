@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from ..paths import atomic_write, runs_root  # noqa: F401  (re-exported)
+from ..paths import atomic_write
 
 INDEX_KINDS = ("pid", "nid", "oid")
 _TOKEN = re.compile(r"<([a-z])_(\d+)>")

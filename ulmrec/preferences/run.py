@@ -28,7 +28,6 @@ from ..paths import atomic_write_json, runs_root
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 BACKENDS = ("auto", "release", "local", "openai", "extractive")
 
 

@@ -42,7 +42,6 @@ from ..paths import atomic_write, runs_root
 log = logging.getLogger(__name__)
 
 MODELS = {"lrurec": LRURec, "sasrec": SASRec}
-REPO_ROOT = Path(__file__).resolve().parents[2]
 LOSS = "per-target"        # checkpoints of the older per-batch-mean loss must not be resumed
 # settings added later, with the value that checkpoints written before them implicitly used
 LEGACY = {"ema_epochs": 0.0}

@@ -24,7 +24,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/paired.py` from anywhere
 
-from ulmrec.metrics import ndcg_per_user, target_ranks  # noqa: E402
+from ulmrec.metrics import ndcg_per_user, order_habits, target_ranks  # noqa: E402
 from ulmrec.paths import atomic_write, runs_root  # noqa: E402
 
 
@@ -50,11 +50,8 @@ def llm_term(frame: pd.DataFrame) -> pd.DataFrame:
 
 def position_habits(frame: pd.DataFrame) -> tuple[float, float]:
     """(share of users whose top letter is A, mean Spearman of the order with the list's)."""
-    _, probs = _targets_and_probs(frame)
-    mine = (-probs).argsort(axis=1, kind="stable").argsort(axis=1)             # [U, K] 0 = top
-    k = probs.shape[1]
-    rho = 1 - 6 * ((mine - np.arange(k)[None]) ** 2).sum(axis=1) / (k * (k ** 2 - 1))
-    return float((mine[:, 0] == 0).mean()), float(rho.mean())
+    h = order_habits(_targets_and_probs(frame)[1])
+    return h["top_letter_a"], h["spearman_with_retriever"]
 
 
 def fused_per_user(frame: pd.DataFrame, lam: float) -> np.ndarray:

@@ -107,17 +107,15 @@ def test_second_sample_is_disjoint_and_the_first_is_the_usual_one():
 
 
 def test_position_habits_measure_copying_the_list():
-    from train.evaluate import position_habits
+    from ulmrec.metrics import order_habits
     k = 20
-    frame = pd.DataFrame({"user": [1, 2], "candidates": [list(range(k))] * 2,
-                          "scores": [list(range(k, 0, -1))] * 2})
-    examples = [type("E", (), {"user": u, "candidates": list(range(k))})() for u in (1, 2)]
     same = np.tile(np.arange(k, 0, -1.0), (2, 1))             # the retriever's own order
-    h = position_habits(same, frame, examples)
-    assert h == {"top_letter_a": 1.0, "spearman_with_retriever": pytest.approx(1.0)}
+    assert order_habits(same) == {"top_letter_a": 1.0, "spearman_with_retriever": pytest.approx(1.0)}
     rev = same[:, ::-1].copy()                                 # the reverse order
-    h = position_habits(rev, frame, examples)
+    h = order_habits(rev)
     assert h["top_letter_a"] == 0.0 and h["spearman_with_retriever"] == pytest.approx(-1.0)
+    mixed = np.vstack([same[0], rev[0]])
+    assert order_habits(mixed) == {"top_letter_a": 0.5, "spearman_with_retriever": pytest.approx(0.0)}
 
 
 def test_residual_run_trains_evaluates_and_pairs_as_its_sum(tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from train.evaluate import results_stem
+from ulmrec.evaluate import results_stem
 from ulmrec import __version__
 from ulmrec.bundle import ServeConfig, dataset_tables
 from ulmrec.bundle_format import DECODE_DIR, FORMAT, LCREC_DIR, MANIFEST, verify_bundle

@@ -128,7 +128,7 @@ def _decode_outputs(cfg) -> list[Path]:
 
 
 def _evaluate_outputs(cfg) -> list[Path]:
-    from train.evaluate import results_stem
+    from ulmrec.evaluate import results_stem
     stem = results_stem(cfg.results_dir, cfg.dataset)
     return [stem.with_suffix(".json"), stem.with_suffix(".md")]
 

@@ -104,3 +104,17 @@ def sample_eval_users(users, n: int, seed: int, block: int = 0) -> list[int]:
     first = set(sample_eval_users(users, n, seed))
     rest = [u for u in order if u not in first]
     return sorted(rest[(block - 1) * n: block * n])
+
+
+def order_habits(scores) -> dict[str, float]:
+    """How much a ranker copies its list's order, from its scores [U, K] of candidates in the
+    list's order (the retriever's): the share of users whose top candidate is the list's first
+    (letter A) and the mean Spearman correlation of its order with the list's (1 = the same)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if not len(scores):
+        return {"top_letter_a": 0.0, "spearman_with_retriever": 0.0}
+    k = scores.shape[1]
+    mine = (-scores).argsort(axis=1, kind="stable").argsort(axis=1)            # [U, K] 0 = top
+    rho = 1 - 6 * ((mine - np.arange(k)[None]) ** 2).sum(axis=1) / (k * (k ** 2 - 1))
+    return {"top_letter_a": float((mine[:, 0] == 0).mean()),
+            "spearman_with_retriever": float(rho.mean())}

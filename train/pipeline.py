@@ -134,7 +134,7 @@ def _evaluate_outputs(cfg) -> list[Path]:
 
 
 def _lcrec_outputs(cfg) -> list[Path]:
-    from train.lcrec import outputs
+    from ulmrec.lcrec.run import outputs
     return outputs(cfg, dataset_name(cfg.dataset))
 
 
@@ -252,7 +252,7 @@ def build_sections(spec: dict, cfg: PipelineConfig, stages, config_path: Path | 
                     sections[dst].setdefault(k, v)
     if sections.get("lcrec") is not None and sections.get("export") is not None \
             and "lcrec" in fields["export"]:
-        from train.lcrec import LcRecConfig, model_dir
+        from ulmrec.lcrec.run import LcRecConfig, model_dir
         lcrec = from_dict(LcRecConfig, sections["lcrec"])
         sections["export"].setdefault("lcrec", str(model_dir(lcrec, dataset_name(dataset))))
     if sections.get("decode") is not None:

@@ -139,7 +139,7 @@ def _lcrec_outputs(cfg) -> list[Path]:
 
 
 def _export_outputs(cfg) -> list[Path]:
-    from train.export import bundle_dir
+    from ulmrec.export import bundle_dir
     out = bundle_dir(cfg, dataset_name(cfg.dataset))
     return [out / "bundle.json"]
 

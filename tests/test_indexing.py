@@ -124,10 +124,11 @@ def _hashing_encoder(record):
 
 def test_gift_cards_tiny_pipeline_has_zero_collisions(gift_cards, tmp_path, monkeypatch):
     import train.index as cli
+    import ulmrec.indexing.build as build
     seen: list[str] = []
     load, embed = _hashing_encoder(seen)
-    monkeypatch.setattr(cli, "load_encoder", load)
-    monkeypatch.setattr(cli, "embed_cached", embed)
+    monkeypatch.setattr(build, "load_encoder", load)
+    monkeypatch.setattr(build, "embed_cached", embed)
     monkeypatch.setenv("ULMREC_RUNS", str(tmp_path))
     assert cli.main(["--dataset", "gift-cards", *TINY]) == 0
     out = tmp_path / "gift-cards" / "index"

@@ -10,24 +10,18 @@ from __future__ import annotations
 import logging
 import sys
 
-import torch
-
 from ulmrec.config import parse_config
-from ulmrec.data import DataError, load_dataset
-from ulmrec.preferences import PreferenceConfig, extract, make_backend
+from ulmrec.data import DataError
+from ulmrec.preferences import PreferenceConfig
+from ulmrec.preferences.run import run
 
 
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = parse_config(PreferenceConfig, argv)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     try:
-        ds = load_dataset(cfg.dataset)
+        s = run(parse_config(PreferenceConfig, argv))
     except DataError as err:
         sys.exit(f"error: {err}")
-    backend = make_backend(cfg, ds)
-    s = extract(ds, backend, cfg)
     print(f"{s['dataset']} {s['task']} [{s['backend']} / {s['model']}]: {s['users']} users — "
           f"done {s['done']}, cached {s['cached']}, failed {s['failed']}, "
           f"fallback {s['fallback']} in {s['seconds']} s → {s['path']}")

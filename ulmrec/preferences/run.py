@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import torch
 from tqdm import tqdm
 
 from .cache import DONE, CacheWriter, cache_key, read_cache
@@ -24,6 +25,7 @@ from .clean import clean_text
 from .extractive import ExtractiveBackend
 from .prompt import TASKS, PromptConfig, build_prompt, user_histories
 from .release import release_coverage
+from ..data import load_dataset
 from ..paths import atomic_write_json, runs_root
 
 log = logging.getLogger(__name__)
@@ -184,3 +186,11 @@ def load_preferences(ds, task: str = "preference", backend: str = "auto",
     raise FileNotFoundError(f"no {task} file for {ds.name} under {out_dir} (looked for "
                             f"{', '.join(names)}); run python -m train.preferences "
                             f"--dataset {ds.name}")
+
+
+def run(cfg: PreferenceConfig) -> dict:
+    """Extract every user's text with the configured backend; the extraction summary."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ds = load_dataset(cfg.dataset)
+    return extract(ds, make_backend(cfg, ds), cfg)

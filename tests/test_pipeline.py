@@ -26,21 +26,20 @@ class FakeConfig:
 
 
 def fake_stages(monkeypatch, names=("a", "b", "c"), config=FakeConfig, fail=()):
-    """Stages whose main records its call and writes runs/out/<name>.out (its output)."""
+    """Stages whose run(cfg) records its call and writes runs/out/<name>.out (its output)."""
     calls = []
     stages = []
     for name in names:
-        def main(argv, name=name):
-            cfg = parse_config(config, argv)
-            calls.append({"stage": name, "argv": argv, "cfg": cfg})
+        def run(cfg, name=name):
+            calls.append({"stage": name, "cfg": cfg})
             if name in fail:
-                return 1
+                raise RuntimeError(f"stage {name} broke")
             out = runs_root() / "out" / f"{name}.out"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(cfg.__dict__))
-            return 0
+            return {"stage": name}
         mod = types.ModuleType(f"fake_stage_{name}")
-        mod.main, mod.Config = main, config
+        mod.run, mod.Config = run, config
         monkeypatch.setitem(sys.modules, mod.__name__, mod)
         stages.append(Stage(name, mod.__name__, "Config",
                             lambda cfg, name=name: [runs_root() / "out" / f"{name}.out"]))
@@ -120,7 +119,9 @@ def test_stages_run_in_order_with_shared_keys_and_state(toy, monkeypatch):
     # a first run starts fresh: whatever the folder holds was not made by this pipeline
     assert calls[0]["cfg"] == FakeConfig(dataset=toy, size=2, seed=7, resume=False)
     assert calls[1]["cfg"] == FakeConfig(dataset=toy, size=1, seed=7, resume=False)
-    assert calls[0]["argv"][0] == "--config" and Path(calls[0]["argv"][1]).name == "a.yaml"
+    # each section is kept beside the state as a record: `--config` reruns that stage alone
+    record = runs_root() / Path(toy).name / "pipeline" / "a.yaml"
+    assert parse_config(FakeConfig, ["--config", str(record)]) == FakeConfig(dataset=toy, size=2, seed=7)
     state = state_of(toy)
     assert set(state["stages"]) == {"a", "c"}
     for name in ("a", "c"):
@@ -150,7 +151,7 @@ def test_changed_section_reruns_that_stage_and_every_later_one_from_scratch(toy,
     assert run(stages, {**spec, "b": {"size": 3}}) == 0
     assert ran(calls) == ["b", "c"]
     # a finished run with another key must not be continued: both start over
-    assert all(c["argv"][-1] == "--no-resume" and not c["cfg"].resume for c in calls)
+    assert all(not c["cfg"].resume for c in calls)
     calls.clear()
     assert run(stages, {**spec, "b": {"size": 3}, "seed": 1}) == 0  # the seed reaches every stage
     assert ran(calls) == ["a", "b", "c"]

@@ -271,3 +271,17 @@ def test_decode_adapter_travels_in_the_bundle_and_writes_the_ladder(trained):
             export.main(common + ["--out", str(trained / "dec2"), "--decode", "dec-other"])
     finally:
         mp.undo()
+
+
+def test_loading_without_the_preference_texts_writes_nothing(gift_cards, tmp_path, monkeypatch):
+    """A bundle whose preference source is not on this machine shows extractive summaries
+    made in memory: nothing appears under runs/ (loading never writes)."""
+    from ulmrec import bundle as B
+    from ulmrec.preferences.extractive import ExtractiveBackend
+    monkeypatch.setenv("ULMREC_RUNS", str(tmp_path / "runs"))
+    pref, notes = B._preferences(gift_cards, "local")
+    assert not (tmp_path / "runs").exists()
+    assert "not on this machine" in notes[0]
+    assert len(pref) == gift_cards.num_users and (pref.str.len() > 0).mean() > 0.9
+    user = int(pref.index[0])
+    assert pref[user] == ExtractiveBackend(gift_cards).summarize(user)

@@ -117,12 +117,10 @@ def _preferences(ds, source: str) -> tuple[pd.Series | None, list[str]]:
     try:
         return load_preference_series(ds, source)
     except (FileNotFoundError, ValueError) as e:
-        from .preferences import load_preferences
-        from .preferences.run import PreferenceConfig, extract, make_backend
+        # loading never writes: the summaries are made in memory, not by the preferences stage
+        from .preferences.extractive import summaries
         log.info("preferences '%s' not found here (%s); using the extractive summary", source, e)
-        cfg = PreferenceConfig(dataset=ds.name, backend="extractive")
-        extract(ds, make_backend(cfg, ds), cfg)
-        return load_preferences(ds, backend="extractive"), [
+        return summaries(ds), [
             f"preferences: '{source}' texts not on this machine; showing extractive summaries"]
 
 

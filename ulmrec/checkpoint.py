@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from .paths import atomic_dir
 
@@ -18,7 +19,6 @@ def read_state(folder: Path) -> dict | None:
 
 def save_checkpoint(folder: Path, model, optim, sched, state: dict) -> None:
     from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
     def write(tmp: Path) -> None:
         # Without save_embedding_layers=False PEFT copies the whole resized embedding (235 MB
@@ -36,7 +36,6 @@ def save_checkpoint(folder: Path, model, optim, sched, state: dict) -> None:
 def load_checkpoint(folder: Path, model, optim, sched) -> dict:
     """Restore weights, optimizer and scheduler in place; returns the loop state."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     folder = Path(folder)
     set_peft_model_state_dict(model, load_file(folder / "trainable.safetensors"))

@@ -18,10 +18,12 @@ Three parts, used by the bundle (`Bundle.decode_many`), the app's ladder and `be
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 
 from .model import cache_kw, index_vocabulary
 from .prompts import INSTRUCTIONS, render, sentence_ends
@@ -146,9 +148,8 @@ def _processors(start: int, ngram: int, penalty: float, tokenizer, max_sentences
                 contrast=None):
     """(logits processors, stopping criteria) that look at generated tokens only; `contrast`
     (an IndexContrast) goes first, on the model's own logits."""
-    import torch
-    from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, \
-        StoppingCriteriaList
+    from transformers import (LogitsProcessor, LogitsProcessorList, StoppingCriteria,
+                              StoppingCriteriaList)
 
     class GeneratedRepetition(LogitsProcessor):
         def __call__(self, input_ids, scores):
@@ -209,9 +210,7 @@ class IndexContrast:
         self.weight, self.alpha, self.cache = weight, plausibility, None
 
     def __call__(self, input_ids, scores):
-        import math
 
-        import torch
         from transformers import DynamicCache
 
         gen = input_ids[:, self.start:]                                  # [B, t]
@@ -241,7 +240,6 @@ def generate_raw(model, tokenizer, prompts: list[str], settings: DecodeSettings,
     """(raw text, finished by the model or the sentence stop) per prompt; each distinct
     prompt generated once, in chunks of similar length (left padding). With
     settings.contrast, `negative_prompt` is the prompt the index is contrasted against."""
-    import torch
 
     unique = list(dict.fromkeys(prompts))
     lengths = [len(tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"]) for p in unique]

@@ -22,17 +22,18 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from .evaluate import results_stem
 from . import __version__
+from .backbone import embedded_reference, is_embedded, load_tokenizer
 from .bundle import ServeConfig, dataset_tables
 from .bundle_format import DECODE_DIR, FORMAT, LCREC_DIR, MANIFEST, verify_bundle
-from .paths import sha256_file
 from .config import from_dict
 from .data import load_dataset
-from .hubcard import clean_for_hub, hub_base_id, scrub
+from .evaluate import results_stem
+from .hubcard import clean_for_hub, hub_base_id
 from .hubcard import model_card as hub_model_card
+from .hubcard import scrub
 from .indexing.table import parse_token_string
-from .paths import atomic_dir, repo_path, runs_root
+from .paths import atomic_dir, repo_path, runs_root, sha256_file
 from .ranker import load_candidates, load_pid_table, load_preference_series
 from .tasks import user_index_strings
 
@@ -84,7 +85,6 @@ def backbone_reference(cfg: dict) -> dict:
     if cfg.get("tiny_backbone"):
         return {"id": "tiny-random-llama", "note": "seeded random Llama (tests and smoke runs only)"}
     name = cfg.get("backbone")
-    from .backbone import embedded_reference, is_embedded
     if is_embedded(name):  # None: the default packaged backbone
         return embedded_reference(name)
     ref = {"id": str(name)}
@@ -279,7 +279,6 @@ def export(cfg: ExportConfig) -> Path:
         manifest["base_model"] = base_id
         if cfg.full_tokenizer and not (tmp / "tokenizer.json").exists():
             # standard tools cannot read tokenizer_ref.json: write the tokenizer itself too
-            from .backbone import load_tokenizer
             load_tokenizer(src).save_pretrained(tmp)
         clean_for_hub(tmp, base_id)
         manifest = scrub(manifest)

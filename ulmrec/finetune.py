@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .backbone import save_tokenizer
@@ -29,11 +30,11 @@ from .data import load_dataset
 from .fusion import fit_residual_weight, fuse
 from .metrics import metrics_from_ranks, target_ranks
 from .model import encode, response_loss, score_examples
-from .verbalizer import letter_token_ids
 from .paths import atomic_dir, atomic_write_json, display_path, runs_root
 from .ranker import RankerConfig, build_ranker, load_candidates, load_task_inputs
 from .tasks import TaskConfig, eval_examples, task_counts, training_examples
 from .trainer import TrainingArguments, fit, make_accelerator
+from .verbalizer import letter_token_ids
 
 log = logging.getLogger("ulmrec.finetune")
 
@@ -72,7 +73,6 @@ SAME_FOR_INIT = ("dataset", "backbone", "index_kind", "index_tokens", "lora_r", 
 def init_weights(model, folder: Path, cfg: FinetuneConfig) -> None:
     """Load another run's trainable weights (LoRA + index-token rows) into `model` in place."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     files = [folder / "adapter_model.safetensors", folder / "trainable.safetensors"]
     weights = next((f for f in files if f.exists()), None)

@@ -21,16 +21,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from huggingface_hub import HfApi, constants, snapshot_download
-from huggingface_hub.errors import (
-    HfHubHTTPError,
-    HFValidationError,
-    LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
+from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
+                                    OfflineModeIsEnabled, RepositoryNotFoundError,
+                                    RevisionNotFoundError)
 
 from .bundle_format import BundleError, verify_bundle
+from .hubcard import machine_paths
 from .paths import is_offline
 
 log = logging.getLogger(__name__)
@@ -76,7 +72,6 @@ def push_bundle(folder: str | Path, repo_id: str, private: bool = False,
     unauthorised / unreachable / refused (e.g. invalid card metadata)."""
     folder = Path(folder)
     manifest = verify_bundle(folder)
-    from .hubcard import machine_paths
     found = machine_paths(folder)
     if found:  # a path of this machine means nothing on the Hub (and says where you work)
         raise BundleError(f"{folder}: {', '.join(found)} name(s) a path of this machine "

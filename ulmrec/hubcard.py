@@ -15,6 +15,8 @@ import re
 import tempfile
 from pathlib import Path
 
+import yaml
+
 from .paths import REPO_ROOT, cache_root, runs_root
 
 # Hub ids of well-known bases → their license on the Hub (the card's `license`)
@@ -210,7 +212,6 @@ ranking = bundle.rank([1])[0]        # letters, titles, probabilities, retriever
 
 def card_metadata(card: str) -> dict:
     """The YAML front matter of a model card (ValueError when it has none or it is not YAML)."""
-    import yaml
     if not card.startswith("---\n"):
         raise ValueError("the card does not start with a YAML front matter block")
     end = card.find("\n---", 4)

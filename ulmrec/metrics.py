@@ -11,6 +11,8 @@ Two views of a two-stage (retrieve 20, then rank) system, paper §5.1.3:
 """
 from __future__ import annotations
 
+import random
+
 import numpy as np
 
 KS = (5, 10, 20)
@@ -89,7 +91,6 @@ def sample_eval_users(users, n: int, seed: int, block: int = 0) -> list[int]:
     rule, so that train.evaluate and train.lcrec score the same users with the same seed.
     block b > 0 takes the next n users of the same shuffled draw: disjoint from every other
     block, so that a result can be checked on a second sample."""
-    import random
     pool = sorted(int(u) for u in users)
     if not n or n >= len(pool):
         if block:

@@ -1,13 +1,16 @@
 """The ranker LLM: index tokens, LoRA / QLoRA, response-only loss, batched letter scoring."""
 from __future__ import annotations
 
+import inspect
 import logging
+import random
+from dataclasses import replace
 
 import torch
 from tqdm.auto import tqdm
 
-from .prompts import adds_special_tokens, render
 from .indexing.table import index_vocab as index_vocabulary  # noqa: F401  (re-export)
+from .prompts import LETTERS, adds_special_tokens, candidates_block, render
 from .tasks import Example
 from .verbalizer import letter_token_ids, response_ids, verbalize
 
@@ -140,7 +143,6 @@ def response_loss(model, batch: dict[str, torch.Tensor], letter_ids: list[int] |
 def cache_kw(model) -> str:
     """The keyword a causal LM takes its key/value cache by: `cache` in recent transformers,
     `past_key_values` before (and deprecated after)."""
-    import inspect
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
@@ -243,10 +245,7 @@ def score_orders(model, tokenizer, examples: list[Example], orders: int, seed: i
     taken back to the item's own place, then averaged. What the LLM gives a letter because of
     its place washes out; what it gives an item stays. Returns (mean log-probabilities,
     their softmax) [N, K] in the examples' own candidate order; orders=1 is score_examples."""
-    import random
-    from dataclasses import replace
 
-    from .prompts import LETTERS, candidates_block
     if orders <= 1:
         return score_examples(model, tokenizer, examples, **kwargs)
     rng = random.Random(seed)

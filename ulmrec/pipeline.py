@@ -31,6 +31,8 @@ import yaml
 
 from .config import ConfigError, check_choices, from_dict
 from .data import DataError  # bad input, named on its line: logged without a traceback
+from .data import DataConfig
+from .data.dataset import resolve_source
 from .paths import atomic_write, runs_root
 
 log = logging.getLogger("ulmrec.pipeline")
@@ -73,8 +75,6 @@ TOP_LEVEL = {"dataset", "seed"}
 
 def dataset_name(dataset: str) -> str:
     """The folder name under runs/ (a named source, or the name of a data folder)."""
-    from .data import DataConfig
-    from .data.dataset import resolve_source
     return resolve_source(DataConfig(dataset=dataset))[0]
 
 

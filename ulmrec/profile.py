@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .indexing.table import parse_token_string, token_string
+from .preferences.extractive import phrase_analyzer
 
 
 @dataclass
@@ -58,7 +59,6 @@ class ProfileIndex:
               ) -> "ProfileIndex":
         """index_strings [U] ('<a_1><b_2>…'), items [U] lists of training item ids, titles
         item → title, preferences [U] texts or None."""
-        from .preferences.extractive import phrase_analyzer
         codes = [parse_token_string(str(s)) for s in index_strings]
         width = max((len(c) for c in codes), default=0)
         mat = np.full((len(codes), width), -1, dtype=np.int64)

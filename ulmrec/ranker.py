@@ -11,13 +11,17 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
+from .backbone import load_tokenizer, resolve_backbone
 from .data import DataConfig
+from .data.release import RELEASE_INDEX_NOTE
+from .index_init import code_words, init_index_rows
 from .model import add_index_tokens, index_vocabulary, wrap_lora
-from .tasks import TaskInputs, random_candidates, task_inputs, user_index_strings
-from .paths import runs_root
+from .paths import is_offline, runs_root
+from .preferences import load_preferences, release_coverage, release_preferences
 from .prompts import PROMPT_FORMATS
-from .paths import is_offline
+from .tasks import TaskInputs, random_candidates, task_inputs, user_index_strings
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +80,6 @@ def load_preference_series(ds, source: str) -> tuple[pd.Series | None, list[str]
     """user → preference text from the preferences stage (or the authors' release text)."""
     if source == "none":
         return None, ["no preferences: preference tasks skipped"]
-    from .preferences import load_preferences, release_coverage, release_preferences
     coverage = release_coverage(ds)
     if source == "release" or (source == "auto" and coverage >= 0.95):
         # users without the authors' text simply get no preference task
@@ -93,7 +96,6 @@ def load_task_inputs(ds, cfg) -> tuple[TaskInputs, list[str]]:
     prefs, pref_notes = load_preference_series(ds, cfg.preference_source)
     notes += pref_notes
     if cfg.index_kind == "release":           # built from all reviews: may carry held-out data
-        from .data.release import RELEASE_INDEX_NOTE
         notes.append(RELEASE_INDEX_NOTE)
     inp = task_inputs(ds, index, prefs, cfg.max_title_words)
     if getattr(cfg, "train_candidates", "random") in ("retriever", "retriever-only"):
@@ -149,7 +151,6 @@ def load_base(cfg: RankerConfig, for_training: bool = True):
     is prepared for k-bit training (gradient checkpointing, fp32 norms) only `for_training`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .backbone import resolve_backbone
 
     source = resolve_backbone(cfg.backbone)
     offline = is_offline()  # HF_HUB_OFFLINE as huggingface_hub reads it: unset = online
@@ -187,7 +188,6 @@ def build_ranker(cfg: RankerConfig, ds=None, inputs=None):
     model, tok = load_base(cfg)
     new_ids = add_index_tokens(model, tok, index_vocabulary()) if cfg.index_tokens else None
     if new_ids and cfg.index_init == "words":
-        from .index_init import code_words, init_index_rows
         if inputs is None or inputs.index is None or inputs.preference is None:
             raise ValueError("index_init 'words' needs a user index and preference texts")
         users = inputs.index.index.intersection(inputs.train.index)
@@ -207,7 +207,6 @@ def quantize_int8(model, skip: tuple[str, ...] = ("down_proj",)):
     outliers one activation scale per call cannot hold; on 40 games users quantizing it too
     was 3.0x faster than fp32 but cost 0.07 NDCG@10 (bench/quantize.py), keeping it fp32 1.9x
     with the same top-1 letter. Inference only: a merged model no longer trains."""
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     if next(model.parameters()).is_cuda:
         raise ValueError("int8 dynamic quantization is a CPU serving option")
@@ -228,7 +227,6 @@ def load_ranker(adapter_dir: Path, cfg: RankerConfig, tokenizer_dir: Path | None
     the base tokenizer + the added tokens its tokenizer_ref.json records."""
     from peft import PeftModel
 
-    from .backbone import load_tokenizer
 
     model, base_tok = load_base(cfg, for_training=False)
     tok = load_tokenizer(tokenizer_dir or adapter_dir, base_tok=base_tok)

@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, read_state, save_checkpoint
+from .model import collate
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def make_accelerator(grad_accum: int = 1):
     process (e.g. to show progress bars on the main process only)."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
+
     # the others wait at the broadcast while process 0 validates: allow a long validation
     return Accelerator(gradient_accumulation_steps=grad_accum, mixed_precision=mixed_precision(),
                        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))])
@@ -102,7 +104,6 @@ def fit(model, encoded: list[dict], args: TrainingArguments, out: Path, *,
     from accelerate.utils import broadcast_object_list
     from transformers import get_scheduler
 
-    from .model import collate
 
     out = Path(out)
     acc = accelerator or make_accelerator(args.grad_accum)

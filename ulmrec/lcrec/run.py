@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,10 +22,21 @@ import pandas as pd
 import torch
 
 from ..backbone import save_tokenizer
+from ..checkpoint import read_state
 from ..data import load_dataset
+from ..indexing.encoder import embed_cached, load_encoder
 from ..indexing.fit import IndexConfig
-from ..metrics import metrics_from_ranks, ranks_in_list
+from ..metrics import metrics_from_ranks, ranks_in_list, sample_eval_users
+from ..model import add_index_tokens, encode, index_vocabulary, response_loss, wrap_lora
 from ..paths import atomic_dir, atomic_write, atomic_write_json, runs_root
+from ..preferences.run import load_preferences
+from ..ranker import RankerConfig, load_base, load_candidates, load_preference_series, load_ranker
+from ..tasks import task_counts
+from ..trainer import TrainingArguments, fit
+from .generate import generate_topn
+from .item_index import build_item_index, index_strings, item_texts, llm_embed
+from .tasks import LcRecData, eval_examples, lcrec_data, sample_users, training_examples
+from .trie import item_token_ids
 
 log = logging.getLogger("ulmrec.lcrec")
 STAGES = ("index", "finetune", "evaluate")
@@ -100,14 +112,12 @@ class LcRecConfig:
                            threads=self.threads, out="lcrec")
 
     def training_args(self):
-        from ..trainer import TrainingArguments
         return TrainingArguments(learning_rate=self.learning_rate, num_epochs=self.num_epochs,
                                  max_steps=self.max_steps, batch_size=self.batch_size,
                                  warmup_steps=self.warmup_steps, stop_after=self.stop_after,
                                  eval_every=0)
 
     def ranker_config(self):
-        from ..ranker import RankerConfig
         return RankerConfig(dataset=self.dataset, backbone=self.backbone,
                             tiny_backbone=self.tiny_backbone, lora_r=self.lora_r,
                             lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
@@ -136,7 +146,6 @@ def outputs(cfg: LcRecConfig, ds_name: str) -> list[Path]:
 
 # ---------------------------------------------------------------- stage 1: item index
 def stage_index(cfg: LcRecConfig, ds, out: Path) -> pd.DataFrame:
-    from ..lcrec.item_index import build_item_index, item_texts, llm_embed
 
     folder = out / "index"
     if (folder / "item_index.parquet").exists() and not (cfg.force and "index" in cfg.stages):
@@ -144,12 +153,10 @@ def stage_index(cfg: LcRecConfig, ds, out: Path) -> pd.DataFrame:
     t0 = time.time()
     items, texts = item_texts(ds)
     if cfg.item_encoder == "minilm":
-        from ..indexing.encoder import embed_cached, load_encoder
         enc = load_encoder()
         emb, enc_stats = embed_cached(enc, texts, desc=f"{ds.name} items")
         enc_stats["model"] = enc.name
     else:
-        from ..ranker import load_base
         model, tok = load_base(cfg.ranker_config())
         emb = llm_embed(model.eval(), tok, texts)
         enc_stats = {"model": "backbone (mean-pooled last hidden state)", "texts": len(texts)}
@@ -172,21 +179,17 @@ def stage_index(cfg: LcRecConfig, ds, out: Path) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- stage 2: finetune
 def _task_data(cfg: LcRecConfig, ds, table: pd.DataFrame):
-    from ..lcrec.item_index import index_strings
-    from ..lcrec.tasks import lcrec_data
 
     notes = []
     pref = intent = None
     if "per" in cfg.tasks and cfg.preference_source != "none":
         try:
-            from ..ranker import load_preference_series
             pref, n = load_preference_series(ds, cfg.preference_source)
             notes += n
         except (FileNotFoundError, ValueError) as err:
             notes.append(f"per skipped: {err}")
     if "ite" in cfg.tasks and cfg.intent_source != "none":
         try:
-            from ..preferences.run import load_preferences
             intent = load_preferences(ds, task="intent", backend=cfg.intent_source)
         except (FileNotFoundError, ValueError) as err:
             notes.append(f"ite skipped: no intents ({str(err).splitlines()[0]})")
@@ -195,17 +198,10 @@ def _task_data(cfg: LcRecConfig, ds, table: pd.DataFrame):
 
 def stage_finetune(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> bool:
     """Train (or resume) the adapter; False when it stopped early on purpose (--stop-after)."""
-    from ..checkpoint import read_state
-    from ..lcrec.tasks import sample_users, training_examples
-    from ..model import add_index_tokens, encode, index_vocabulary, response_loss, wrap_lora
-    from ..ranker import load_base
-    from ..tasks import task_counts
-    from ..trainer import fit
 
     folder = out / "finetune"
     ckpt, adapter = folder / "checkpoint", folder / "adapter"
     if cfg.force and "finetune" in cfg.stages:
-        import shutil
         shutil.rmtree(folder, ignore_errors=True)
     state = read_state(ckpt) or {"step": 0, "done": False}
     if state["done"] and adapter.exists():
@@ -256,16 +252,10 @@ def stage_finetune(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> bool
 # ---------------------------------------------------------------- stage 3: evaluate
 def load_lcrec(out: Path, cfg: LcRecConfig):
     """(model, tokenizer) of a finished run, eval mode."""
-    from ..ranker import load_ranker
     return load_ranker(out / "finetune" / "adapter", cfg.ranker_config())
 
 
 def stage_evaluate(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> dict:
-    from ..lcrec.generate import generate_topn
-    from ..lcrec.item_index import index_strings
-    from ..lcrec.tasks import LcRecData, eval_examples
-    from ..lcrec.trie import item_token_ids
-    from ..metrics import sample_eval_users
 
     folder = out / "eval"
     settings = {k: getattr(cfg, k) for k in ("eval_split", "eval_users", "beams", "topn",
@@ -333,7 +323,6 @@ def reference_rows(ds, cfg: LcRecConfig, users: list[int], histories: list[list[
         tops.append([i for i in popular[: cfg.topn + len(seen)] if i not in seen])
     out = {"popularity (training counts)": _hr_ndcg(ranks_in_list(_padded(tops, cfg.topn), targets))}
     if cfg.reference_retriever:
-        from ..ranker import RankerConfig, load_candidates
         try:
             cands = load_candidates(ds, RankerConfig(retriever=cfg.reference_retriever), cfg.eval_split)
         except FileNotFoundError as e:

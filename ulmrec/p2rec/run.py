@@ -28,12 +28,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..backbone import load_backbone, resolve_backbone
 from ..data import load_dataset
-from . import (P2RecLM, add_lora, agreement, enhance_items, instance_examples,
-                          item_embeddings, kmeans_groups, mean_loss, time_steps, train_sft,
-                          train_variant, user_targets)
 from ..paths import atomic_write, atomic_write_json, runs_root
+from ..ranker import _tiny_llama
 from ..retrieval import RetrievalConfig, load_retriever
+from . import (P2RecLM, add_lora, agreement, enhance_items, instance_examples, item_embeddings,
+               kmeans_groups, mean_loss, time_steps, train_sft, train_variant, user_targets)
 
 log = logging.getLogger("ulmrec.p2rec")
 STAGES = ("group", "sft", "augment", "fusion", "report")
@@ -120,9 +121,7 @@ def build_lm(cfg: P2RecConfig, ds, device) -> P2RecLM:
     """Backbone + LoRA + projection + head, over the grouping retriever's item embeddings."""
     from transformers import AutoTokenizer
 
-    from ..backbone import load_backbone, resolve_backbone
     if cfg.tiny_backbone:
-        from ..ranker import _tiny_llama
         tok = AutoTokenizer.from_pretrained(resolve_backbone(cfg.backbone), local_files_only=True)
         tok.pad_token = tok.pad_token or tok.eos_token
         llm = _tiny_llama(tok)

@@ -20,13 +20,15 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from ..data import load_dataset
+from ..paths import atomic_write_json, runs_root
 from .cache import DONE, CacheWriter, cache_key, read_cache
 from .clean import clean_text
 from .extractive import ExtractiveBackend
+from .local import LocalBackend
+from .openai_compat import OpenAIBackend
 from .prompt import TASKS, PromptConfig, build_prompt, user_histories
-from .release import release_coverage
-from ..data import load_dataset
-from ..paths import atomic_write_json, runs_root
+from .release import ReleaseBackend, release_coverage, release_preferences
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +69,12 @@ def make_backend(cfg: PreferenceConfig, ds):
         kind = "release" if cfg.task == "preference" and release_coverage(ds) == 1.0 else "local"
         log.info("backend auto → %s", kind)
     if kind == "release":
-        from .release import ReleaseBackend
         return ReleaseBackend(ds, cfg.task)
     if kind == "extractive":
         return ExtractiveBackend(ds)
     if kind == "local":
-        from .local import LocalBackend
         return LocalBackend(cfg.local_model, cfg.device, cfg.batch_size, cfg.max_new_tokens)
     if kind == "openai":
-        from .openai_compat import OpenAIBackend
         return OpenAIBackend(base_url=cfg.base_url, model=cfg.openai_model,
                              max_tokens=cfg.max_new_tokens, concurrency=cfg.concurrency,
                              timeout_s=cfg.timeout_s, max_retries=cfg.max_retries)
@@ -167,7 +166,6 @@ def load_preferences(ds, task: str = "preference", backend: str = "auto",
     """user → text for later stages. 'auto': the release where it covers the dataset, else
     the first extracted file found among local, openai, extractive."""
     if backend == "auto" and task == "preference" and release_coverage(ds) == 1.0:
-        from .release import release_preferences
         return release_preferences(ds)
     out_dir = Path(out_dir or runs_root() / ds.name / "preferences")
     names = ["local", "openai", "extractive"] if backend == "auto" else [backend]

@@ -214,7 +214,9 @@ def run(cfg: EvaluateConfig, command: str = "") -> dict:
             results[f"{name} (LLM term alone)"] = llm_alone
         if folder is not None and cfg.fusion_val_users:
             fit = _fit_fusion(ds, model, tok, inp, scfg, cfg)
-            fused = _evaluate_scores(frame, examples, fuse(probs.numpy(), retr, fit["lambda"]))
+            with_prior = fuse(probs.numpy(), retr, fit["lambda"])
+            fused = _evaluate_scores(frame, examples, with_prior)
+            fused.update(order_habits(with_prior))
             fused["fusion"] = {k: v for k, v in fit.items() if k != "curve"}
             fused.update({k: res[k] for k in ("truncated_prompts", "leak_prone", "notes")})
             results[f"{name} + retriever prior"] = fused

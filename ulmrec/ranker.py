@@ -234,3 +234,20 @@ def load_ranker(adapter_dir: Path, cfg: RankerConfig, tokenizer_dir: Path | None
         model.resize_token_embeddings(len(tok), mean_resizing=False)
     model = PeftModel.from_pretrained(model, adapter_dir)
     return model.eval(), tok
+
+
+def serve_ready(model, tok, bf16: bool = False, int8: bool = False):
+    """(model, tok) made ready to serve, once per model (callers hold a lock): on CPU the
+    LoRA update merged into the weights and, if asked, bfloat16 or int8 linear layers (int8:
+    the ranker; a bundle's decode/ adapter stays fp32); a CUDA model as loaded."""
+    # marked on the model, not on `data`: several AppData may share one bundle's model
+    if not getattr(model, "_ulmrec_app_ready", False):
+        if next(model.parameters()).device.type == "cpu":
+            if hasattr(model, "merge_adapter"):
+                model.merge_adapter()
+            if bf16:
+                model.to(torch.bfloat16)
+            elif int8:
+                quantize_int8(model)
+        model._ulmrec_app_ready = True
+    return model, tok

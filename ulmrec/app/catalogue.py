@@ -11,7 +11,8 @@ import html
 import numpy as np
 import pandas as pd
 
-from .logic import AppData, AppError, serve_ready
+from ..ranker import serve_ready
+from .logic import AppData, AppError
 
 TOPN = 10
 COLUMNS = ["rank", "item index", "title", "log-probability", "in retriever's 20", "target"]

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..indexing.table import level_letter, parse_token_string, token_string
+from ..ranker import serve_ready
 
 # the index vocabulary every bundle's tokenizer carries (ulmrec.indexing.table.index_vocab)
 MAX_LEVELS, CODEBOOK_SIZE = 4, 256
@@ -90,25 +91,6 @@ def warm_decoder(data: AppData):
     with data.lock:
         model, tok, _ = data.bundle.decoder()
         return serve_ready(model, tok, bf16=data.bf16)
-
-
-def serve_ready(model, tok, bf16: bool = False, int8: bool = False):
-    """(model, tok) made ready to serve, once per model (callers hold AppData.lock): on CPU the
-    LoRA update merged into the weights and, if asked, bfloat16 or int8 linear layers (int8:
-    the ranker; a bundle's decode/ adapter stays fp32); a CUDA model as loaded."""
-    # marked on the model, not on `data`: several AppData may share one bundle's model
-    if not getattr(model, "_ulmrec_app_ready", False):
-        if next(model.parameters()).device.type == "cpu":
-            if hasattr(model, "merge_adapter"):
-                model.merge_adapter()
-            if bf16:
-                import torch
-                model.to(torch.bfloat16)
-            elif int8:
-                from ulmrec.ranker import quantize_int8
-                quantize_int8(model)
-        model._ulmrec_app_ready = True
-    return model, tok
 
 
 # ------------------------------------------------------------------ picking a user

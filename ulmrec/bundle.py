@@ -1,30 +1,8 @@
 """The served bundle: a loaded ULMRec bundle that ranks, decodes and browses the catalogue.
-The files and their checks are ulmrec.bundle_format's; this module loads them.
 
-A bundle is one folder (or a Hub model repo with the same files):
-
-    bundle.json                 manifest: format, dataset (name, fingerprint, sizes), backbone
-                                reference, index kind, preference source, sha256 of every file
-    adapter_config.json         the LoRA adapter (PEFT), index-token rows included
-    adapter_model.safetensors
-    tokenizer.json, tokenizer_config.json, …   the backbone tokenizer + the 1,024 index tokens,
-    or tokenizer_ref.json       or a reference to the backbone's tokenizer + the added tokens
-    ulmrec_config.json          the ranker/task configuration the adapter was trained with
-    user_index.parquet          reviewerID → index string (+ codes a,b,c,d where it has them)
-    candidates.parquet          reviewerID, split, retrieved asins in retriever order, scores
-    fusion.json                 (optional) the retriever-prior weight λ fitted on validation users
-    metrics.json                the evaluation payload (Rank/Overall per system)
-    config.yaml                 the pipeline configuration that made it
-    README.md                   Hub model card
-    items.parquet, users.parquet   only when the bundle carries its data (includes_data)
-    lcrec/                      optional (manifest key "lcrec"): an LC-Rec adapter + tokenizer,
-                                lcrec_config.json, item_index.parquet (asin → item index) and
-                                metrics.json: the app's whole-catalogue mode
-    decode/                     optional (manifest key "decode"): an adapter trained for
-                                index → preference text (its own prompt format in
-                                ulmrec_config.json), used by decode(); else the ranker decodes
-
-A bundle without data is joined at load time with the dataset under ULMREC_DATA.
+The folder's files, manifest and checks are ulmrec.bundle_format's; this module joins them
+with the dataset (a bundle without data: the dataset under ULMREC_DATA), loads the models
+lazily, once, behind a lock, and answers per user.
 """
 from __future__ import annotations
 

@@ -520,3 +520,17 @@ def test_whole_catalogue_tab_generates_real_unseen_items(data):
     bare = replace(data, bundle=replace(bundle, lcrec_items=None))
     with pytest.raises(AppError, match="no LC-Rec part"):
         catalogue.catalogue_view(bare, user)
+
+
+def test_rank_takes_prompts_built_once(data):
+    """A burst measures its prompts' lengths and ranks them from the same built examples:
+    the same frames as building them inside rank; prompts of other users are refused."""
+    users = [int(u) for u in data.bundle.users["user"].iloc[:3]]
+    examples, _ = data.bundle.examples(users)
+    assert data.bundle.prompt_lengths(users, examples=examples) == data.bundle.prompt_lengths(users)
+    got = data.bundle.rank(users, batch_size=3, examples=examples)
+    want = data.bundle.rank(users, batch_size=3)
+    for a, b in zip(got, want):
+        pd.testing.assert_frame_equal(a, b)
+    with pytest.raises(ValueError, match="not the users' prompts"):
+        data.bundle.rank(users[::-1], examples=examples)

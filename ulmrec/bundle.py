@@ -10,22 +10,32 @@ import json
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .backbone import embedded_gguf, is_embedded, require_installed
 # the file format lives in bundle_format (the Hub client needs it, and nothing of the service)
-from .bundle_format import (DATA_FILES, DECODE_DIR, DECODE_FILES, FORMAT,  # noqa: F401
-                            LCREC_DIR, LCREC_FILES, LCREC_TOKENIZER, MANIFEST, REQUIRED_FILES,
-                            TOKENIZER_FILES, TOKENIZER_REF, BundleError, verify_bundle)
+from .bundle_format import (DATA_FILES, DECODE_DIR, DECODE_FILES, FORMAT, LCREC_DIR,  # noqa: F401
+                            LCREC_FILES, LCREC_TOKENIZER, MANIFEST, REQUIRED_FILES, TOKENIZER_FILES,
+                            TOKENIZER_REF, BundleError, verify_bundle)
+from .config import from_dict
+from .data import DataError, load_dataset
+from .data.dataset import data_root
+from .decode import DecodeSettings, decode_indices
 from .fusion import fuse
-from .paths import is_offline
-from .prompts import LETTERS
-from .ranker import RankerConfig
-from .tasks import TaskConfig
+from .hub import download_bundle
+from .indexing.table import parse_token_string
+from .lcrec.generate import recommend
+from .model import encode, score_examples
+from .paths import REPO_ROOT, is_offline
+from .preferences.extractive import summaries
+from .prompts import LETTERS, shorten
+from .ranker import RankerConfig, load_preference_series, load_ranker
+from .tasks import TaskConfig, TaskInputs, next_item_example
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +53,6 @@ def resolve_source(source: str | Path) -> Path:
         return path
     text = str(source)
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        from .hub import download_bundle
         return download_bundle(text)
     raise BundleError(f"{source}: no such bundle folder (and not a Hub repo id 'user/name')")
 
@@ -65,8 +74,6 @@ def _load_data(manifest: dict, root: Path) -> tuple[pd.DataFrame, pd.DataFrame, 
     """The bundle's own items/users tables, or the same tables built from ULMREC_DATA."""
     if manifest.get("includes_data"):
         return pd.read_parquet(root / "items.parquet"), pd.read_parquet(root / "users.parquet"), []
-    from .data import DataError, load_dataset
-    from .data.dataset import data_root
     name = manifest["dataset"]["name"]
     try:
         ds = load_dataset(name)
@@ -91,12 +98,10 @@ def _preferences(ds, source: str) -> tuple[pd.Series | None, list[str]]:
     machine has it, else the extractive summary (instant, deterministic), said so."""
     if source == "none":
         return None, []
-    from .ranker import load_preference_series
     try:
         return load_preference_series(ds, source)
     except (FileNotFoundError, ValueError) as e:
         # loading never writes: the summaries are made in memory, not by the preferences stage
-        from .preferences.extractive import summaries
         log.info("preferences '%s' not found here (%s); using the extractive summary", source, e)
         return summaries(ds), [
             f"preferences: '{source}' texts not on this machine; showing extractive summaries"]
@@ -132,14 +137,12 @@ class Bundle:
 
     def ranker_config(self, **overrides):
         """The ranker + task settings the adapter was trained with (+ overrides such as no_history)."""
-        from .config import from_dict
         return from_dict(ServeConfig, {**self.config, **overrides}, known_only=True)
 
     def model(self):
         """(model, tokenizer), loaded once: CUDA when present (4-bit if configured), else CPU."""
         with self._lock:  # concurrent first requests must not load it twice
             if self._model is None:
-                from .ranker import load_ranker
                 self._model, self._tok = load_ranker(self.root, self.ranker_config())
             return self._model, self._tok
 
@@ -161,8 +164,6 @@ class Bundle:
             raise BundleError(f"{self.root}: this bundle has no LC-Rec part ({LCREC_DIR}/)")
         with self._lock:
             if self._lcrec is None:
-                from .config import from_dict
-                from .ranker import load_ranker
                 cfg = self.lcrec_config()
                 # the same fallback as the ranker's when the embedded backbone is missing
                 _backbone_source({"backbone": self.manifest["lcrec"].get("backbone", {})}, cfg)
@@ -184,8 +185,6 @@ class Bundle:
             return model, tok, self.ranker_config().prompt_format
         with self._lock:
             if self._decoder is None:
-                from .config import from_dict
-                from .ranker import load_ranker
                 part = self.root / DECODE_DIR
                 cfg = json.loads((part / "ulmrec_config.json").read_text())
                 _backbone_source(self.manifest, cfg)
@@ -199,7 +198,6 @@ class Bundle:
         """LC-Rec's top-n over the whole catalogue for a user's history (before the test target):
         rank, item, index, title, score (summed index-token log-prob), in_candidates (the
         retriever's 20), is_target. History items are never generated."""
-        from .lcrec.generate import recommend
         model, tok = self.lcrec_model()
         cfg = self.lcrec_config()
         row = self.user_row(user)
@@ -236,8 +234,6 @@ class Bundle:
 
     def task_inputs(self, cfg):
         """Prompt inputs from the bundle's tables, built once per title length."""
-        from .prompts import shorten
-        from .tasks import TaskInputs
         key = (cfg.max_title_words, cfg.index_kind)
         if key not in self._inputs:
             users = self.users.set_index("user")
@@ -249,7 +245,6 @@ class Bundle:
 
     def examples(self, users: list[int], split: str = "test", no_history: bool = False):
         """Next-item inference prompts for `users` over their retrieved candidates."""
-        from .tasks import next_item_example
         cfg = self.ranker_config(no_history=no_history)
         inp = self.task_inputs(cfg)
         cands = self.candidates[self.candidates["split"] == split].set_index("user")
@@ -261,12 +256,15 @@ class Bundle:
             out.append(next_item_example(inp, u, inp.train[u], c, None, cfg))
         return out, cfg
 
-    def prompt_lengths(self, users: list[int], split: str = "test", no_history: bool = False
-                       ) -> list[int]:
-        """Tokens in each user's ranking prompt (a server groups similar lengths: less padding)."""
-        from .model import encode
+    def prompt_lengths(self, users: list[int], split: str = "test", no_history: bool = False,
+                       examples: list | None = None) -> list[int]:
+        """Tokens in each user's ranking prompt (a server groups similar lengths: less padding);
+        `examples`: the users' prompts when the caller has built them already (self.examples)."""
         _, tok = self.model()
-        examples, cfg = self.examples(users, split, no_history)
+        if examples is None:
+            examples, cfg = self.examples(users, split, no_history)
+        else:
+            cfg = self.ranker_config(no_history=no_history)
         return [len(encode(tok, ex, cfg.prompt_format, cfg.max_len, with_response=False)["input_ids"])
                 for ex in examples]
 
@@ -277,13 +275,19 @@ class Bundle:
         return json.loads(path.read_text()) if path.exists() else None
 
     def rank(self, users: list[int], split: str = "test", no_history: bool = False,
-             batch_size: int = 8, shared_prefix: bool = True) -> list[pd.DataFrame]:
+             batch_size: int = 8, shared_prefix: bool = True, examples: list | None = None
+             ) -> list[pd.DataFrame]:
         """Per user: letter, item, title, prob, llm_rank, retriever_rank, is_target, and with a
         fitted retriever prior (fusion.json) fused_score and fused_rank (ulmrec.fusion).
-        A batch runs its prompts' shared beginning once (`shared_prefix`, ulmrec.model)."""
-        from .model import score_examples
+        A batch runs its prompts' shared beginning once (`shared_prefix`, ulmrec.model);
+        `examples`: the users' prompts, already built (self.examples), in `users`' order."""
         model, tok = self.model()
-        examples, cfg = self.examples(users, split, no_history)
+        if examples is None:
+            examples, cfg = self.examples(users, split, no_history)
+        else:
+            cfg = self.ranker_config(no_history=no_history)
+            if [ex.user for ex in examples] != list(users):
+                raise ValueError("rank: the examples are not the users' prompts, in their order")
         scores, probs = score_examples(model, tok, examples, cfg.prompt_format, cfg.max_len,
                                        batch_size, cfg.num_candidates, progress=False,
                                        shared_prefix=shared_prefix)
@@ -316,10 +320,7 @@ class Bundle:
     def decode_many(self, indices: list[str], max_new_tokens: int = 48, settings=None) -> list[str]:
         """decode() for several indices, batched (a ladder's rungs, a benchmark's users);
         `settings` (ulmrec.decode.DecodeSettings) overrides max_new_tokens."""
-        from dataclasses import replace
 
-        from .decode import DecodeSettings, decode_indices
-        from .indexing.table import parse_token_string
         for index in indices:
             parse_token_string(index)  # raises ValueError on a malformed prefix
         settings = settings or replace(DecodeSettings(), max_new_tokens=max_new_tokens)
@@ -330,7 +331,6 @@ class Bundle:
 def _backbone_source(manifest: dict, config: dict) -> list[str]:
     """Where the embedded default backbone's package is missing (a Space installs only
     requirements.txt), use the same model from the Hub when online; say so."""
-    from .backbone import embedded_gguf, is_embedded, require_installed
     ref = manifest.get("backbone", {})
     name = config.get("backbone")
     if ref.get("source") != "embedded" or (name and not is_embedded(name)):
@@ -355,7 +355,6 @@ def load_bundle(source: str | Path | None = None, check_hashes: bool = True) -> 
     Verifies the files first (BundleError names what is missing); a data-less bundle is
     joined with its dataset found under ULMREC_DATA. The model loads on first use.
     """
-    from .paths import REPO_ROOT
     source = source or os.environ.get("ULMREC_BUNDLE") or REPO_ROOT / "assets" / "demo"
     root = resolve_source(source)
     manifest = verify_bundle(root, check_hashes)

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..indexing.table import level_letter, parse_token_string, token_string
+from ..profile import ProfileIndex
 from ..ranker import serve_ready
 
 # the index vocabulary every bundle's tokenizer carries (ulmrec.indexing.table.index_vocab)
@@ -306,7 +307,6 @@ def profiles(data: AppData):
     codes, training items (the history before the validation item) and preference."""
     prof = getattr(data, "_profile_index", None)
     if prof is None:
-        from ..profile import ProfileIndex
         users = data.bundle.users.set_index("user").reindex(data.users.index)
         prof = ProfileIndex.build([token_string(c) for c in data.codes],
                                   [list(h)[:-1] for h in users["history"]], data.titles,

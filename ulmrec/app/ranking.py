@@ -73,29 +73,39 @@ class RankBatcher:
                 taken = [r for r in self._pending if r[1] == flag]
                 self._pending = [r for r in self._pending if r[1] != flag]
             try:
-                taken = self._by_length(taken, flag)
+                taken, built = self._by_length(taken, flag)
             except BaseException as e:
                 self._fail(taken, e)
                 continue
             for start in range(0, len(taken), self.max_batch):
-                self._run(taken[start:start + self.max_batch], flag)
+                self._run(taken[start:start + self.max_batch], flag, built)
 
-    def _by_length(self, taken: list, flag: bool) -> list:
+    def _by_length(self, taken: list, flag: bool) -> tuple[list, dict]:
+        """The requests sorted by prompt length, and the prompts built to measure them
+        (user → example), which the batches then rank instead of building them again."""
         lengths = getattr(self.bundle, "prompt_lengths", None)
         if len(taken) <= self.max_batch or lengths is None:
-            return taken
-        n = lengths([u for u, _, _ in taken], no_history=flag)
-        return [r for _, r in sorted(zip(n, taken), key=lambda x: x[0])]
+            return taken, {}
+        users = [u for u, _, _ in taken]
+        if hasattr(self.bundle, "examples"):
+            examples, _ = self.bundle.examples(users, no_history=flag)
+            n = lengths(users, no_history=flag, examples=examples)
+            built = dict(zip(users, examples))
+        else:
+            n, built = lengths(users, no_history=flag), {}
+        return [r for _, r in sorted(zip(n, taken), key=lambda x: x[0])], built
 
     @staticmethod
     def _fail(take: list, e: BaseException) -> None:
         for _, _, fut in take:                  # every waiting caller sees the failure
             fut.set_exception(e)
 
-    def _run(self, take: list, flag: bool) -> None:
+    def _run(self, take: list, flag: bool, built: dict | None = None) -> None:
         users = [u for u, _, _ in take]
+        ready = built and all(u in built for u in users)
+        extra = {"examples": [built[u] for u in users]} if ready else {}
         try:
-            frames = self.bundle.rank(users, no_history=flag, batch_size=len(users))
+            frames = self.bundle.rank(users, no_history=flag, batch_size=len(users), **extra)
         except BaseException as e:
             self._fail(take, e)
             return

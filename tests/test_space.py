@@ -76,8 +76,11 @@ def test_gpu_is_a_no_op_without_spaces_and_spaces_gpu_with_it(monkeypatch):
 
     calls = []
 
+    limits = {}
+
     def GPU(fn=None, **kwargs):                                # the ZeroGPU decorator's shape
         def wrap(g):
+            limits[g.__name__] = kwargs.get("duration")
             def inner(*a, **k):
                 calls.append(g.__name__)
                 return g(*a, **k)
@@ -91,6 +94,34 @@ def test_gpu_is_a_no_op_without_spaces_and_spaces_gpu_with_it(monkeypatch):
     space.enable_zero_gpu()                                    # wraps once, not twice
     wrapped = [getattr(Bundle, n) for n in space.GPU_METHODS]
     assert all(getattr(w, "_ulmrec_gpu", False) for w in wrapped)
+    # each call asks ZeroGPU for a stated time, not the 60 s default for everything
+    assert {n: limits[n] for n in space.GPU_METHODS} == space.GPU_METHODS
+    assert all(0 < d <= 120 for d in space.GPU_METHODS.values())
     with pytest.raises(Exception):
         Bundle.rank(None, [1])                                 # goes through the wrapper
     assert calls[-1] == "rank"
+
+
+# Names that Python 3.11+ added and a 3.10 Space would fail on at import or first use
+NEWER_THAN_310 = ("from datetime import UTC", "datetime.UTC", "import tomllib", "StrEnum",
+                  "typing.Self", "from typing import Self", "ExceptionGroup", "except*",
+                  "asyncio.TaskGroup", "LiteralString")
+
+
+def test_the_code_runs_on_the_python_the_space_metadata_names():
+    """The Space's python_version (ZeroGPU's documented one) compiles every module that the app
+    and the pipeline import, and none of them uses a 3.11-only name."""
+    import ast
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    meta = space.front_matter(root / "README.md")
+    assert meta["sdk"] == "gradio" and meta["suggested_hardware"] == "zero-a10g"
+    major, minor = (int(x) for x in str(meta["python_version"]).split(".")[:2])
+    assert (major, minor) == (3, 10)
+    files = [root / "app.py", *(root / "ulmrec").rglob("*.py"), *(root / "train").rglob("*.py")]
+    assert len(files) > 60
+    for path in files:
+        text = path.read_text()
+        ast.parse(text, filename=str(path), feature_version=(major, minor))
+        used = [n for n in NEWER_THAN_310 if n in text]
+        assert not used, f"{path.relative_to(root)} uses {used} (Python 3.11+)"

@@ -23,7 +23,9 @@ log = logging.getLogger("ulmrec.app.space")
 
 
 # Bundle methods that run the model: what ZeroGPU must hold a GPU for
-GPU_METHODS = ("rank", "decode_many", "recommend_catalogue")
+# with the most seconds ZeroGPU may hold the GPU for one call (its default is 60 s; a shorter
+# limit puts a visitor earlier in the queue): one ranking burst, a ladder, a catalogue search
+GPU_METHODS = {"rank": 30, "decode_many": 60, "recommend_catalogue": 60}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -49,10 +51,10 @@ def enable_zero_gpu() -> bool:
     except ImportError:
         return False
     from ulmrec.bundle import Bundle
-    for name in GPU_METHODS:
+    for name, seconds in GPU_METHODS.items():
         method = getattr(Bundle, name)
         if not getattr(method, "_ulmrec_gpu", False):
-            wrapped = gpu(method)
+            wrapped = gpu(method, duration=seconds)
             try:
                 wrapped._ulmrec_gpu = True
             except AttributeError:

@@ -25,7 +25,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/paired.py` from anywhere
 
 from ulmrec.metrics import ndcg_per_user, order_habits, target_ranks  # noqa: E402
-from ulmrec.paths import atomic_write, runs_root  # noqa: E402
+from ulmrec.paths import atomic_write, prediction_suffix, runs_root  # noqa: E402
 
 
 def _targets_and_probs(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -102,8 +102,8 @@ def main(argv=None) -> int:
 
     frames = {}
     for run in args.runs:
-        block = (f"_b{args.block}" if args.block else "") + (f"_o{args.orders}" if args.orders > 1 else "")
-        path = runs_root() / args.dataset / "finetune" / run / f"test_predictions{block}.parquet"
+        suffix = prediction_suffix(block=args.block, orders=args.orders)
+        path = runs_root() / args.dataset / "finetune" / run / f"test_predictions{suffix}.parquet"
         if not path.exists():
             print(f"error: {path} not found (run `python -m train.evaluate --runs {run}` first)",
                   file=sys.stderr)
@@ -120,8 +120,9 @@ def main(argv=None) -> int:
             alone = llm_term(f.loc[users].reset_index())
             scores[f"{run} (LLM term alone)"] = per_user(alone)[0]
             habits[f"{run} (LLM term alone)"] = position_habits(alone)
+        # λ was fitted on validation users: the same for every test sample
         fit = runs_root() / args.dataset / "finetune" / run / \
-            f"fusion{f'_o{args.orders}' if args.orders > 1 else ''}.json"
+            f"fusion{prediction_suffix(orders=args.orders)}.json"
         if fit.exists() and "retriever_scores" in f:       # λ fitted on validation users
             lam = json.loads(fit.read_text())["lambda"]
             scores[f"{run} + retriever prior"] = fused_per_user(f.loc[users].reset_index(), lam)

@@ -132,7 +132,6 @@ def embedded_gguf(name: str = DEFAULT_BACKBONE) -> tuple[Path, str]:
 
 def embedded_reference(name: str | None = None) -> dict:
     """Enough to fetch the exact same base weights again: Hub id, package, file and sha256."""
-
     s = spec(name)
     ref = {"id": s.hub_id, "name": s.name, "source": "embedded", "quant": s.quant}
     dist = s.pip.split()[0]

@@ -320,7 +320,6 @@ class Bundle:
     def decode_many(self, indices: list[str], max_new_tokens: int = 48, settings=None) -> list[str]:
         """decode() for several indices, batched (a ladder's rungs, a benchmark's users);
         `settings` (ulmrec.decode.DecodeSettings) overrides max_new_tokens."""
-
         for index in indices:
             parse_token_string(index)  # raises ValueError on a malformed prefix
         settings = settings or replace(DecodeSettings(), max_new_tokens=max_new_tokens)

@@ -210,7 +210,6 @@ class IndexContrast:
         self.weight, self.alpha, self.cache = weight, plausibility, None
 
     def __call__(self, input_ids, scores):
-
         from transformers import DynamicCache
 
         gen = input_ids[:, self.start:]                                  # [B, t]
@@ -240,7 +239,6 @@ def generate_raw(model, tokenizer, prompts: list[str], settings: DecodeSettings,
     """(raw text, finished by the model or the sentence stop) per prompt; each distinct
     prompt generated once, in chunks of similar length (left padding). With
     settings.contrast, `negative_prompt` is the prompt the index is contrasted against."""
-
     unique = list(dict.fromkeys(prompts))
     lengths = [len(tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"]) for p in unique]
     order = sorted(range(len(unique)), key=lambda i: lengths[i])

@@ -25,10 +25,10 @@ import pandas as pd
 from .config import from_dict
 from .data import load_dataset
 from .data.release import RELEASE_INDEX_NOTE
-from .fusion import fit_lambda, fuse
+from .fusion import fit_lambda, fuse, log_softmax, ranked_scores
 from .metrics import order_habits, rank_and_overall, sample_eval_users, target_ranks
 from .model import score_orders
-from .paths import REPO_ROOT, atomic_write, repo_path, runs_root
+from .paths import REPO_ROOT, atomic_write, prediction_suffix, repo_path, runs_root
 from .ranker import RankerConfig, load_base, load_candidates, load_ranker, load_task_inputs
 from .tasks import TaskConfig, eval_examples
 
@@ -88,12 +88,6 @@ def retriever_ranks(frame: pd.DataFrame, k: int) -> tuple[np.ndarray, np.ndarray
         scores[row, :len(s)] = s
         pos[row] = cands.index(int(target)) if int(target) in cands else -1
     return target_ranks(scores, pos), pos >= 0
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def leak_notes(notes: list[str], scfg) -> list[str]:
@@ -187,12 +181,10 @@ def run(cfg: EvaluateConfig, command: str = "") -> dict:
         if cfg.test_orders > 1:
             name = f"{name} × {cfg.test_orders} orders"
         retr = _retriever_scores(frame, examples, scfg.num_candidates)
-        llm_alone = None
-        if scfg.residual:   # the run ranks by the sum it was trained as; its LLM term beside it
-            llm_alone = _evaluate_scores(frame, examples, scores.numpy())
-            ranked = fuse(probs.numpy(), retr, scfg.residual_weight)
-        else:
-            ranked = scores.numpy()
+        # a residual run ranks by the sum it was trained as; its LLM term gets a row beside it
+        llm_alone = _evaluate_scores(frame, examples, scores.numpy()) if scfg.residual else None
+        ranked = ranked_scores(scores.numpy(), probs.numpy(), retr,
+                               scfg.residual_weight if scfg.residual else None)
         res = _evaluate_scores(frame, examples, ranked)
         if scfg.residual:
             res["residual_weight"] = scfg.residual_weight
@@ -220,8 +212,8 @@ def run(cfg: EvaluateConfig, command: str = "") -> dict:
             fused["fusion"] = {k: v for k, v in fit.items() if k != "curve"}
             fused.update({k: res[k] for k in ("truncated_prompts", "leak_prone", "notes")})
             results[f"{name} + retriever prior"] = fused
-            orders = f"_o{cfg.test_orders}" if cfg.test_orders > 1 else ""
-            atomic_write(folder.parent / f"fusion{'_uid' if scfg.no_history else ''}{orders}.json",
+            suffix = prediction_suffix(scfg.no_history, orders=cfg.test_orders)
+            atomic_write(folder.parent / f"fusion{suffix}.json",
                          lambda p: p.write_text(json.dumps(fit, indent=1)))
             log.info("%s + retriever prior: λ %.2f (val NDCG@10 %.4f on %d users), Rank NDCG@10 "
                      "%.4f", name, fit["lambda"], fit["val_ndcg"], fit["val_users"],
@@ -229,16 +221,15 @@ def run(cfg: EvaluateConfig, command: str = "") -> dict:
         if folder is not None:
             # probs: what the run ranks by (a residual run's sum, normalised); llm_probs: its
             # LLM term, the input of the after-the-fact prior
-            shown = probs.numpy() if not scfg.residual else softmax(ranked)
+            shown = probs.numpy() if not scfg.residual else np.exp(log_softmax(ranked))
             pred = pd.DataFrame({"user": [e.user for e in examples],
                                  "candidates": [e.candidates for e in examples],
                                  "target": [e.target for e in examples],
                                  "probs": shown.tolist(),
                                  "llm_probs": probs.numpy().tolist(),
                                  "retriever_scores": retr.tolist()})
-            block = (f"_b{cfg.sample_block}" if cfg.sample_block else "") + \
-                (f"_o{cfg.test_orders}" if cfg.test_orders > 1 else "")
-            name = f"test_predictions{'_uid' if scfg.no_history else ''}{block}.parquet"
+            suffix = prediction_suffix(scfg.no_history, cfg.sample_block, cfg.test_orders)
+            name = f"test_predictions{suffix}.parquet"
             atomic_write(folder.parent / name, lambda p: pred.to_parquet(p, index=False))
         del model
 

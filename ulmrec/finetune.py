@@ -20,14 +20,13 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .backbone import save_tokenizer
 from .data import load_dataset
-from .fusion import fit_residual_weight, fuse
+from .fusion import fit_residual_weight, ranked_scores
 from .metrics import metrics_from_ranks, target_ranks
 from .model import encode, response_loss, score_examples
 from .paths import atomic_dir, atomic_write_json, display_path, runs_root
@@ -134,22 +133,15 @@ def resolve_residual(cfg: FinetuneConfig, examples, val: pd.DataFrame) -> Finetu
     return cfg
 
 
-def ranked_scores(scores, probs, examples, cfg) -> np.ndarray:
-    """[N, K] the scores a run ranks by: the LLM's letter scores, or with --residual the log
-    of its letter probabilities plus w · the retriever's log-softmax (the sum it trained as)."""
-    if not getattr(cfg, "residual", False):
-        return np.asarray(scores)
-    prior = np.array([ex.prior for ex in examples], dtype=np.float64)
-    return fuse(np.asarray(probs, dtype=np.float64), prior, cfg.residual_weight)
-
-
 def validate(model, tok, examples, cfg) -> dict:
     """Verbalizer metrics on the validation sample (Rank view: targets are all retrieved)."""
     if not examples:
         return {"NDCG@10": 0.0}
     scores, probs = score_examples(model, tok, examples, cfg.prompt_format, cfg.max_len,
                                    cfg.eval_batch_size, cfg.num_candidates, progress=False)
-    ranked = ranked_scores(scores.numpy(), probs.numpy(), examples, cfg)
+    prior = [ex.prior for ex in examples] if cfg.residual else None
+    ranked = ranked_scores(scores.numpy(), probs.numpy(), prior,
+                           cfg.residual_weight if cfg.residual else None)
     pos = [ex.candidates.index(ex.target) for ex in examples]
     return metrics_from_ranks(target_ranks(ranked, pos), ks=(5, 10))
 

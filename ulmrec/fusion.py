@@ -17,7 +17,7 @@ LAMBDAS = tuple(np.round(np.concatenate([np.arange(0, 1, 0.1), np.arange(1, 5, 0
                                          [5, 6, 8, 10, 15, 20, 30, 50]]), 3))
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
+def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x - x.max(axis=1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
 
@@ -30,7 +30,7 @@ def letter_log_probs(llm_probs: np.ndarray) -> np.ndarray:
 def fuse(llm_probs: np.ndarray, retriever_scores: np.ndarray, lam: float) -> np.ndarray:
     """Fused scores [U, K] from letter probabilities [U, K] and the retriever's scores [U, K]
     (both in the candidates' letter order)."""
-    retr = _log_softmax(np.asarray(retriever_scores, dtype=np.float64))
+    retr = log_softmax(np.asarray(retriever_scores, dtype=np.float64))
     return letter_log_probs(llm_probs) + lam * retr
 
 
@@ -61,8 +61,16 @@ def fit_residual_weight(retriever_scores: list[list[float]], target_pos, grid=LA
     pos = np.asarray(target_pos)
     if len(pos) == 0:
         raise ValueError("no lists with their target to fit the residual weight on")
-    retr = _log_softmax(np.asarray(retriever_scores, dtype=np.float64))          # [U, K]
+    retr = log_softmax(np.asarray(retriever_scores, dtype=np.float64))          # [U, K]
     rows = np.arange(len(pos))
-    curve = {float(w): float(_log_softmax(w * retr)[rows, pos].mean()) for w in grid}
+    curve = {float(w): float(log_softmax(w * retr)[rows, pos].mean()) for w in grid}
     best = max(curve, key=lambda w: (curve[w], -w))
     return {"weight": best, "log_likelihood": curve[best], "lists": int(len(pos)), "curve": curve}
+
+
+def ranked_scores(scores, probs, retriever_scores, residual_weight: float | None) -> np.ndarray:
+    """[U, K] what a run ranks its candidates by: its letter scores, or for a residual run
+    (residual_weight set) the sum it was trained as, log p_LLM + w · log-softmax(retriever)."""
+    if residual_weight is None:
+        return np.asarray(scores)
+    return fuse(probs, retriever_scores, residual_weight)

@@ -245,7 +245,6 @@ def score_orders(model, tokenizer, examples: list[Example], orders: int, seed: i
     taken back to the item's own place, then averaged. What the LLM gives a letter because of
     its place washes out; what it gives an item stays. Returns (mean log-probabilities,
     their softmax) [N, K] in the examples' own candidate order; orders=1 is score_examples."""
-
     if orders <= 1:
         return score_examples(model, tokenizer, examples, **kwargs)
     rng = random.Random(seed)

@@ -91,3 +91,10 @@ def is_offline() -> bool:
     itself: the one meaning for bundles and base models alike (ulmrec.ranker.load_base)."""
     value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
     return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def prediction_suffix(no_history: bool = False, block: int = 0, orders: int = 1) -> str:
+    """What tells a run's prediction and fusion files apart: _uid (no history), _b<block> (a
+    second sample of test users), _o<orders> (scored over several candidate orders)."""
+    return (("_uid" if no_history else "") + (f"_b{block}" if block else "")
+            + (f"_o{orders}" if orders > 1 else ""))

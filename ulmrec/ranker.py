@@ -207,7 +207,6 @@ def quantize_int8(model, skip: tuple[str, ...] = ("down_proj",)):
     outliers one activation scale per call cannot hold; on 40 games users quantizing it too
     was 3.0x faster than fp32 but cost 0.07 NDCG@10 (bench/quantize.py), keeping it fp32 1.9x
     with the same top-1 letter. Inference only: a merged model no longer trains."""
-
     if next(model.parameters()).is_cuda:
         raise ValueError("int8 dynamic quantization is a CPU serving option")
     if hasattr(model, "merge_adapter") and not any(getattr(m, "merged", False) for m in model.modules()):

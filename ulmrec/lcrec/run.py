@@ -146,7 +146,6 @@ def outputs(cfg: LcRecConfig, ds_name: str) -> list[Path]:
 
 # ---------------------------------------------------------------- stage 1: item index
 def stage_index(cfg: LcRecConfig, ds, out: Path) -> pd.DataFrame:
-
     folder = out / "index"
     if (folder / "item_index.parquet").exists() and not (cfg.force and "index" in cfg.stages):
         return pd.read_parquet(folder / "item_index.parquet")
@@ -179,7 +178,6 @@ def stage_index(cfg: LcRecConfig, ds, out: Path) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- stage 2: finetune
 def _task_data(cfg: LcRecConfig, ds, table: pd.DataFrame):
-
     notes = []
     pref = intent = None
     if "per" in cfg.tasks and cfg.preference_source != "none":
@@ -198,7 +196,6 @@ def _task_data(cfg: LcRecConfig, ds, table: pd.DataFrame):
 
 def stage_finetune(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> bool:
     """Train (or resume) the adapter; False when it stopped early on purpose (--stop-after)."""
-
     folder = out / "finetune"
     ckpt, adapter = folder / "checkpoint", folder / "adapter"
     if cfg.force and "finetune" in cfg.stages:
@@ -256,7 +253,6 @@ def load_lcrec(out: Path, cfg: LcRecConfig):
 
 
 def stage_evaluate(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> dict:
-
     folder = out / "eval"
     settings = {k: getattr(cfg, k) for k in ("eval_split", "eval_users", "beams", "topn",
                                              "exclude_history", "max_history", "prompt_format", "seed")}

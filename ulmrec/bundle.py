@@ -20,7 +20,8 @@ import pandas as pd
 from .backbone import embedded_gguf, is_embedded, require_installed
 # the file format lives in bundle_format (the Hub client needs it, and nothing of the service)
 from .bundle_format import (DATA_FILES, DECODE_DIR, DECODE_FILES, FORMAT, LCREC_DIR,  # noqa: F401
-                            LCREC_FILES, LCREC_TOKENIZER, MANIFEST, REQUIRED_FILES, TOKENIZER_FILES,
+                            INDEXER_DIR, LCREC_FILES, LCREC_TOKENIZER, MANIFEST, REQUIRED_FILES,
+                            RETRIEVER_DIR, TOKENIZER_FILES,
                             TOKENIZER_REF, BundleError, verify_bundle)
 from .config import from_dict
 from .data import DataError, load_dataset
@@ -29,7 +30,8 @@ from .decode import DecodeSettings, decode_indices
 from .fusion import fuse
 from .hub import download_bundle
 from .indexing.table import parse_token_string
-from .lcrec.generate import recommend
+from .live import Indexer, LiveRetriever, recommend
+from .lcrec.generate import recommend as recommend_items
 from .model import encode, score_examples
 from .paths import REPO_ROOT, is_offline
 from .preferences.extractive import summaries
@@ -201,7 +203,7 @@ class Bundle:
         model, tok = self.lcrec_model()
         cfg = self.lcrec_config()
         row = self.user_row(user)
-        top = recommend(model, tok, list(row["history"]), self.lcrec_items, n=n, beams=beams,
+        top = recommend_items(model, tok, list(row["history"]), self.lcrec_items, n=n, beams=beams,
                         fmt=cfg.get("prompt_format", "chat"), max_history=cfg.get("max_history", 20))
         cands = self.candidates[(self.candidates["split"] == "test") & (self.candidates["user"] == int(row["user"]))]
         retrieved = [int(i) for i in cands["candidates"].iloc[0]] if len(cands) else []
@@ -281,36 +283,79 @@ class Bundle:
         fitted retriever prior (fusion.json) fused_score and fused_rank (ulmrec.fusion).
         A batch runs its prompts' shared beginning once (`shared_prefix`, ulmrec.model);
         `examples`: the users' prompts, already built (self.examples), in `users`' order."""
-        model, tok = self.model()
         if examples is None:
             examples, cfg = self.examples(users, split, no_history)
-        else:
-            cfg = self.ranker_config(no_history=no_history)
-            if [ex.user for ex in examples] != list(users):
-                raise ValueError("rank: the examples are not the users' prompts, in their order")
+        elif [ex.user for ex in examples] != list(users):
+            raise ValueError("rank: the examples are not the users' prompts, in their order")
+        cands = self.candidates[self.candidates["split"] == split].set_index("user")
+        targets = self.users.set_index("user")["target"]
+        return self.rank_examples(examples, [cands.at[ex.user, "scores"] for ex in examples],
+                                  [int(targets[ex.user]) for ex in examples], no_history,
+                                  batch_size, shared_prefix)
+
+    def rank_examples(self, examples: list, retriever_scores: list, targets: list | None = None,
+                      no_history: bool = False, batch_size: int = 8, shared_prefix: bool = True
+                      ) -> list[pd.DataFrame]:
+        """rank() for prompts already built (a table user's or a new one's, ulmrec.live), with
+        each prompt's retriever scores in letter order and its target (None: unknown)."""
+        model, tok = self.model()
+        cfg = self.ranker_config(no_history=no_history)
         scores, probs = score_examples(model, tok, examples, cfg.prompt_format, cfg.max_len,
                                        batch_size, cfg.num_candidates, progress=False,
                                        shared_prefix=shared_prefix)
         titles = self.titles()
-        targets = self.users.set_index("user")["target"]
         fusion = self.fusion
-        cands = self.candidates[self.candidates["split"] == split].set_index("user")
         out = []
-        for ex, s, p in zip(examples, scores.numpy(), probs.numpy()):
-            frame = pd.DataFrame({"letter": list(LETTERS[: len(ex.candidates)]),
-                                  "item": ex.candidates,
+        for k, (ex, s, p) in enumerate(zip(examples, scores.numpy(), probs.numpy())):
+            n = len(ex.candidates)
+            frame = pd.DataFrame({"letter": list(LETTERS[:n]), "item": ex.candidates,
                                   "title": [titles[i] for i in ex.candidates],
-                                  "score": s[: len(ex.candidates)],
-                                  "prob": p[: len(ex.candidates)],
-                                  "retriever_rank": range(1, len(ex.candidates) + 1)})
+                                  "score": s[:n], "prob": p[:n],
+                                  "retriever_rank": range(1, n + 1)})
             frame["llm_rank"] = frame["prob"].rank(ascending=False, method="first").astype(int)
             if fusion is not None:
-                retr = np.asarray(cands.at[ex.user, "scores"], dtype=np.float64)[: len(ex.candidates)]
+                retr = np.asarray(retriever_scores[k], dtype=np.float64)[:n]
                 frame["fused_score"] = fuse(frame["prob"].to_numpy()[None], retr[None], fusion["lambda"])[0]
                 frame["fused_rank"] = frame["fused_score"].rank(ascending=False, method="first").astype(int)
-            frame["is_target"] = frame["item"] == int(targets[ex.user])
+            target = None if targets is None else targets[k]
+            frame["is_target"] = frame["item"] == (-1 if target is None else int(target))
             out.append(frame)
         return out
+
+    # ------------------------------------------------------------- a history not in the table
+
+    @property
+    def has_retriever(self) -> bool:
+        return bool(self.manifest.get("live", {}).get("retriever"))
+
+    @property
+    def has_indexer(self) -> bool:
+        return bool(self.manifest.get("live", {}).get("indexer"))
+
+    def live_retriever(self):
+        """The bundle's retriever (retriever/), loaded once: top-20 for any history."""
+        if not self.has_retriever:
+            raise BundleError(f"{self.root}: this bundle carries no retriever ({RETRIEVER_DIR}/): "
+                              "re-export it with this version to serve new histories")
+        with self._lock:
+            if "retriever" not in self._inputs:
+                asin_to_item = dict(zip(self.items["asin"].astype(str), self.items["item"].astype(int)))
+                self._inputs["retriever"] = LiveRetriever.load(self.root / RETRIEVER_DIR, asin_to_item)
+            return self._inputs["retriever"]
+
+    def indexer(self):
+        """The bundle's indexer (indexer/: eq. 1 + RQ-VAE), loaded once."""
+        if not self.has_indexer:
+            raise BundleError(f"{self.root}: this bundle carries no indexer ({INDEXER_DIR}/)")
+        with self._lock:
+            if "indexer" not in self._inputs:
+                self._inputs["indexer"] = Indexer.load(self.root / INDEXER_DIR)
+            return self._inputs["indexer"]
+
+    def recommend(self, history, text: str | None = None, ladder: bool = True):
+        """A new user's 20 ranked candidates, index and decoded ladder (ulmrec.live.recommend):
+        `history` item ids, asins or exact titles, most recent last; `text` optional."""
+        return recommend(self, history, text, ladder=ladder)
 
     def decode(self, index: str, max_new_tokens: int = 48, settings=None) -> str:
         """Greedy index → preference text (task 2) for a full index or any prefix of it:

@@ -52,6 +52,11 @@ LCREC_TOKENIZER = ("tokenizer.json", "tokenizer_config.json")
 # writer needs all four attention projections and its own prompt format (docs/decode.md)
 DECODE_DIR = "decode"
 DECODE_FILES = ("adapter_config.json", "adapter_model.safetensors", "ulmrec_config.json")
+# a new user's path (ulmrec.live): the retriever itself and the P-ID indexer
+RETRIEVER_DIR = "retriever"
+RETRIEVER_FILES = ("model.json", "model.safetensors", "items.json")
+INDEXER_DIR = "indexer"
+INDEXER_FILES = ("indexer.json", "indexer.safetensors")
 
 
 class BundleError(Exception):
@@ -77,6 +82,11 @@ def verify_bundle(folder: str | Path, check_hashes: bool = True) -> dict:
         if manifest.get(key):       # an optional second adapter: its files, its own tokenizer or none
             own = manifest[key].get("tokenizer", "own") == "own"
             needed += [f"{sub}/{f}" for f in files + (_tokenizer_files(folder / sub) if own else ())]
+    live = manifest.get("live", {})
+    for key, sub, files in (("retriever", RETRIEVER_DIR, RETRIEVER_FILES),
+                            ("indexer", INDEXER_DIR, INDEXER_FILES)):
+        if live.get(key):
+            needed += [f"{sub}/{f}" for f in files]
     missing = [f for f in needed if not (folder / f).is_file()]
     if missing:
         raise BundleError(f"{folder}: incomplete bundle, missing {', '.join(missing)}")

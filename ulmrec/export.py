@@ -19,19 +19,25 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .backbone import embedded_reference, is_embedded, load_tokenizer
 from .bundle import ServeConfig, dataset_tables
-from .bundle_format import DECODE_DIR, FORMAT, LCREC_DIR, MANIFEST, verify_bundle
+from .bundle_format import (DECODE_DIR, FORMAT, INDEXER_DIR, LCREC_DIR, MANIFEST, RETRIEVER_DIR,
+                            verify_bundle)
 from .config import from_dict
 from .data import load_dataset
 from .evaluate import results_stem
 from .hubcard import clean_for_hub, hub_base_id
 from .hubcard import model_card as hub_model_card
 from .hubcard import scrub
+from .indexing.encoder import embed_cached, load_encoder
+from .indexing.reviews import build_review_sets
 from .indexing.table import parse_token_string
 from .paths import atomic_dir, repo_path, runs_root, sha256_file
 from .ranker import load_candidates, load_pid_table, load_preference_series
@@ -189,6 +195,53 @@ def _decode_part(cfg: ExportConfig, ds, run_cfg) -> tuple[Path, dict]:
     return src, config
 
 
+def _live_parts(ds, run_cfg, tmp: Path) -> dict:
+    """The retriever (and, for a P-ID index, the indexer) that serve a history not in the
+    table (ulmrec.live); {} when the run's retriever is the random baseline."""
+    live: dict = {}
+    if run_cfg.retriever != "random":
+        src = runs_root() / ds.name / "retrieval" / run_cfg.retriever
+        if not (src / "model.safetensors").exists():
+            raise FileNotFoundError(f"{src}: no trained retriever to carry (run `python -m "
+                                    f"train.retrieve --dataset {ds.name} --model {run_cfg.retriever}`)")
+        part = tmp / RETRIEVER_DIR
+        part.mkdir()
+        for name in ("model.json", "model.safetensors"):
+            shutil.copy2(src / name, part / name)
+        spec = json.loads((src / "model.json").read_text())
+        asin = dict(zip(ds.items["item"].astype(int), ds.items["asin"].astype(str)))
+        # the retriever's item ids are the dataset's dense ids (0 = padding): keyed by asin here
+        (part / "items.json").write_text(json.dumps([asin.get(i, "") for i in range(spec["num_items"] + 1)]))
+        live["retriever"] = {"model": spec["model"], "max_len": spec["kwargs"]["max_len"]}
+    if run_cfg.index_kind == "pid":
+        src = runs_root() / ds.name / "index"
+        if (src / "model.safetensors").exists() and (src / "summary.json").exists():
+            live["indexer"] = _indexer_part(ds, src, tmp / INDEXER_DIR)
+        else:
+            log.warning("%s has the index table but not the indexer's weights: the bundle serves "
+                        "new users with the index the LLM predicts from their history", src)
+    return live
+
+
+def _indexer_part(ds, src: Path, part: Path) -> dict:
+    """indexer/: the index run's A and RQ-VAE, plus a new user's ID query: the mean of the
+    table users' ID embeddings (a new user has no original ID to embed)."""
+    summary = json.loads((src / "summary.json").read_text())
+    settings = summary["settings"]
+    enc = load_encoder(settings.get("encoder") or None, settings.get("max_length", 256))
+    ids, _ = embed_cached(enc, build_review_sets(ds).reviewer_ids, desc=f"{ds.name} user IDs")
+    tensors = load_file(src / "model.safetensors")
+    tensors["new_user_query"] = torch.from_numpy(np.asarray(ids, np.float32).mean(0))
+    part.mkdir()
+    save_file(tensors, part / "indexer.safetensors")
+    text_kind = summary.get("reviews", {}).get("text_kind", "")
+    (part / "indexer.json").write_text(json.dumps({
+        "config": settings, "encoder_fingerprint": enc.fingerprint, "text_kind": text_kind,
+        "leak_prone": summary.get("leak_prone", False)}, indent=1))
+    return {"levels": settings["levels"], "codebook_size": settings["codebook_size"],
+            "text_kind": text_kind, "leak_prone": summary.get("leak_prone", False)}
+
+
 def model_card(manifest: dict, metrics: dict, repo_id: str | None, base_id: str | None = None,
                standard_tokenizer: bool = True) -> str:
     """Hub model card (ulmrec.hubcard) + the LC-Rec part and the data note of this bundle."""
@@ -263,6 +316,9 @@ def export(cfg: ExportConfig) -> Path:
             manifest["lcrec"] = {"items": len(items), "tokenizer": "shared" if shared else "own",
                                  "split": result["split"], "users": result["users"],
                                  "metrics": result["metrics"], "backbone": backbone_reference(lc_cfg)}
+        live = _live_parts(ds, run_cfg, tmp)
+        if live:
+            manifest["live"] = live
         if decode:
             dsrc, dcfg = decode
             _, shared = _copy_part(dsrc, src, tmp / DECODE_DIR, "ulmrec_config.json")

@@ -34,6 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="CPU: the ranker's linear layers in dynamic int8 (~2x faster on games; "
                    "letter probabilities move by ~0.01, NDCG@10 by -0.013 [-0.031, +0.006]: "
                    "bench/quantize.py)")
+    p.add_argument("--mcp", action="store_true",
+                   help="also serve the endpoints as MCP tools (Gradio's MCP server, "
+                        "/gradio_api/mcp/; needs gradio[mcp])")
     p.add_argument("--no-preload", action="store_true",
                    help="load the model on the first request instead of before serving")
     args = p.parse_args(argv)
@@ -60,5 +63,5 @@ def main(argv=None) -> int:
     threads = set_threads(args.threads, args.concurrency)
     log.info("bundle ready in %.1f s (%d users); %d torch thread(s) per request, %d at once",
              time.perf_counter() - t0, len(data.users), threads, args.concurrency)
-    serve(demo, args.host, args.port, args.concurrency)
+    serve(demo, args.host, args.port, args.concurrency, mcp=args.mcp)
     return 0

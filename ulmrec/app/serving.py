@@ -34,8 +34,15 @@ def open_app(source=None, preload: bool = True, bf16: bool = False, int8: bool =
     return data, build_demo(data)
 
 
-def serve(demo, host=None, port=None, concurrency: int = 1, block: bool = True):
+def serve(demo, host=None, port=None, concurrency: int = 1, block: bool = True, mcp: bool = False):
+    """Launch; `mcp` also serves the named endpoints (/recommend, /rank, …) as MCP tools at
+    /gradio_api/mcp/ (needs the `mcp` package: pip install "gradio[mcp]")."""
     from .ui import CSS
+    if mcp:
+        try:
+            import mcp as _  # noqa: F401  (Gradio's MCP server is built on it)
+        except ImportError:
+            raise SystemExit('--mcp needs the mcp package: pip install "gradio[mcp]"') from None
     demo.queue(default_concurrency_limit=concurrency, max_size=64)
-    return demo.launch(server_name=host, server_port=port, css=CSS, show_error=True,
+    return demo.launch(server_name=host, server_port=port, css=CSS, show_error=True, mcp_server=mcp,
                        prevent_thread_lock=not block, footer_links=["api"], ssr_mode=False)

@@ -11,7 +11,7 @@ from functools import partial
 
 import gradio as gr
 
-from . import catalogue, logic, overview, ranking
+from . import catalogue, logic, newuser, overview, ranking
 from .logic import AppData, AppError
 
 CSS = """
@@ -283,6 +283,8 @@ def build_demo(data: AppData) -> gr.Blocks:
                     decode_btn = gr.Button("Decode", elem_id="decode-btn", scale=0)
                 decoded = gr.Textbox(label="generated preference", lines=2, interactive=False,
                                      elem_id="decoded")
+        if data.bundle.has_retriever:
+            newuser.build_tab(data, status)
         if data.bundle.has_lcrec:
             with gr.Tab("Whole catalogue (LC-Rec)", elem_id="catalogue-tab"):
                 gr.Markdown(

@@ -1,0 +1,158 @@
+"""The "Your own history" tab and the /recommend endpoint: a history that is not in the table
+(ulmrec.live), from the catalogue search to the ranked candidates, the index and its ladder."""
+from __future__ import annotations
+
+import html
+
+import gradio as gr
+import pandas as pd
+
+from ulmrec.bundle import BundleError
+from ulmrec.indexing.table import level_letter, parse_token_string
+from ulmrec.live import MAX_ITEMS, InputError
+
+from .logic import AppData, AppError
+
+SEARCH_HITS = 20
+CANDIDATE_COLUMNS = ["LLM rank", "letter", "title", "LLM probability", "retriever rank"]
+
+
+def search_titles(data: AppData, query: str, n: int = SEARCH_HITS) -> list[str]:
+    """Catalogue titles holding every word of `query` (case-insensitive), shortest first."""
+    words = (query or "").casefold().split()
+    if not words:
+        return []
+    titles = data.bundle.items["title"].astype(str)
+    hit = titles[[all(w in t.casefold() for w in words) for t in titles]]
+    return sorted(dict.fromkeys(hit), key=len)[:n]
+
+
+def add_item(history: str, title: str | None) -> str:
+    """The history box with `title` appended as its most recent item (one item per line)."""
+    lines = [x for x in (history or "").splitlines() if x.strip()]
+    if title and title.strip():
+        lines.append(title.strip())
+    return "\n".join(lines[-MAX_ITEMS:])
+
+
+def run(data: AppData, history: list[str] | str, text: str | None = None):
+    """bundle.recommend with the app's errors: AppError for anything the person can fix."""
+    if isinstance(history, str):
+        history = history.splitlines()
+    try:
+        return data.bundle.recommend(history, text)
+    except (InputError, BundleError) as e:
+        raise AppError(str(e)) from None
+
+
+def chips(index: str) -> str:
+    codes = parse_token_string(index)
+    return "<div class='ulm-chips'>" + "".join(
+        f"<span class='ulm-chip ulm-l{lv}'><small>{level_letter(lv)}</small>"
+        f"&lt;{level_letter(lv)}_{int(c)}&gt;</span>" for lv, c in enumerate(codes)) + "</div>"
+
+
+def summary_html(rec) -> str:
+    """Index chips, where they came from, the LLM's own reading, collisions and notes; every
+    piece of the input shown here is escaped (a title or text is text, never markup)."""
+    parts = []
+    if rec.index:
+        parts.append(chips(rec.index))
+        parts.append(f"<p>index from {html.escape(rec.index_source)}</p>")
+    if rec.predicted_index and rec.predicted_index != rec.index:
+        agree = "" if rec.agreement is None else f" — agrees on {rec.agreement:.0%} of levels"
+        parts.append(f"<p>the LLM reads your items as <code>{html.escape(rec.predicted_index)}</code>"
+                     f"{agree}</p>")
+    if rec.collisions:
+        parts.append(f"<p>full index shared with table user(s): "
+                     f"{html.escape(', '.join(rec.collisions[:5]))}</p>")
+    for note in rec.notes:
+        parts.append(f"<p class='ulm-note'>{html.escape(note)}</p>")
+    return "\n".join(parts)
+
+
+def candidate_table(rec) -> pd.DataFrame:
+    c = rec.candidates.sort_values("llm_rank")
+    out = pd.DataFrame({"LLM rank": c["llm_rank"], "letter": c["letter"], "title": c["title"],
+                        "LLM probability": c["prob"].round(4), "retriever rank": c["retriever_rank"]})
+    if "fused_rank" in c:
+        out["with retriever prior"] = c["fused_rank"]
+    return out
+
+
+def api(data: AppData):
+    """The /recommend endpoint (and MCP tool): a function with its own name, typed, described."""
+    def recommend(history: list[str], text: str = "") -> dict:
+        """Recommend items for a new user from their history, with their user index and its
+        decoded preference; nothing is stored.
+
+        Args:
+            history: 1-20 items the user had, most recent last: item ids, asins or exact
+                catalogue titles.
+            text: optional review text or a sentence on what the user likes (at most 2,000
+                characters); it shapes the user index.
+
+        Returns:
+            candidates (20 items with letter, title, LLM probability and ranks), index (the
+            user's codes), shared (table users sharing each prefix), predicted_index (the
+            LLM's reading of the history), ladder (the decoded preference per prefix), notes.
+        """
+        try:
+            return run(data, list(history or []), text).to_dict()
+        except AppError as e:
+            raise gr.Error(str(e)) from None
+    return recommend
+
+
+def on_search(data: AppData, query: str):
+    hits = search_titles(data, query)
+    return gr.update(choices=hits, value=hits[0] if hits else None)
+
+
+def on_recommend(data: AppData, history: str, text: str):
+    """status, summary, shared-prefix counts, candidates, ladder."""
+    try:
+        rec = run(data, history, text)
+    except AppError as e:
+        return (str(e),) + tuple(gr.skip() for _ in range(4))
+    return ("", summary_html(rec), rec.shared, candidate_table(rec),
+            None if rec.ladder is None else rec.ladder)
+
+
+def build_tab(data: AppData, status) -> None:
+    """The tab's components and events (inside the Blocks of ui.build_demo)."""
+    hidden = {"api_visibility": "private"}
+    with gr.Tab("Your own history", elem_id="own-tab"):
+        gr.Markdown("Pick 1-20 items you had (oldest first, one per line: a title from the search, "
+                    "an item id or an asin), add a sentence about what you like if you wish, and "
+                    "get the 20 candidates the retriever finds for you, ranked by the LLM, with the "
+                    "user index your items and text give and its decoded preference. Nothing you "
+                    "enter is stored.")
+        with gr.Row():
+            with gr.Column(scale=1, min_width=260):
+                query = gr.Textbox(label="search the catalogue", placeholder="words of a title",
+                                   elem_id="own-search")
+                hits = gr.Dropdown([], label="matching titles", elem_id="own-hits",
+                                   allow_custom_value=False)
+                add = gr.Button("Add to my history", elem_id="own-add")
+            with gr.Column(scale=2, min_width=320):
+                history = gr.Textbox(label="my history (most recent last)", lines=6,
+                                     elem_id="own-history")
+                text = gr.Textbox(label="optional: what you like (≤ 2,000 characters)", lines=2,
+                                  elem_id="own-text")
+                go = gr.Button("Recommend", variant="primary", elem_id="own-go")
+        summary = gr.HTML(elem_id="own-summary")
+        shared = gr.Dataframe(headers=["level", "prefix", "users sharing it"],
+                              label="table users sharing each prefix of your index",
+                              elem_id="own-shared", elem_classes=["ulm-table"])
+        cands = gr.Dataframe(headers=CANDIDATE_COLUMNS, label="your 20 candidates by LLM rank",
+                             wrap=True, elem_id="own-candidates", elem_classes=["ulm-table"])
+        ladder = gr.Dataframe(headers=["level", "prefix", "users sharing it", "generated preference"],
+                              label="your index decoded level by level", wrap=True,
+                              elem_id="own-ladder", elem_classes=["ulm-table"])
+    query.submit(lambda q: on_search(data, q), query, hits, **hidden)
+    query.change(lambda q: on_search(data, q), query, hits, **hidden)
+    add.click(add_item, [history, hits], history, **hidden)
+    go.click(lambda h, t: on_recommend(data, h, t), [history, text],
+             [status, summary, shared, cands, ladder], concurrency_id="model", **hidden)
+    gr.api(api(data), api_name="recommend", concurrency_id="model")

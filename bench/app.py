@@ -79,6 +79,8 @@ def main(argv=None) -> int:
                     help="timed whole-catalogue (LC-Rec) requests, when the bundle has that part")
     ap.add_argument("--burst", type=int, default=20,
                     help="concurrent /rank requests sent at once (0: skip)")
+    ap.add_argument("--new-users", type=int, default=5,
+                    help="timed /recommend requests for new histories (bundles with a retriever)")
     ap.add_argument("--concurrency", type=int, default=1, help="passed to app.py")
     ap.add_argument("--bf16", action="store_true", help="passed to app.py (CPU bfloat16)")
     ap.add_argument("--int8", action="store_true", help="passed to app.py (CPU dynamic int8)")
@@ -130,6 +132,20 @@ def main(argv=None) -> int:
             status, table = client.predict(u, api_name="/ladder")
             ladder_s.append(time.perf_counter() - t)
             assert status == "" and len(table["data"]) >= 1, status
+        new_s, new_ladder_s = [], []
+        if bundle.has_retriever and args.new_users:
+            # a table user's last 5 items stand in for a person typing a history of their own
+            hists = [[str(i) for i in h[-5:]] for h in bundle.users["history"].iloc[: args.new_users + 1]]
+            client.predict(hists[0], "", False, api_name="/recommend")           # warm-up
+            for h in hists[1:]:
+                t = time.perf_counter()
+                rec = client.predict(h, "", False, api_name="/recommend")
+                new_s.append(time.perf_counter() - t)
+                assert len(rec["candidates"]) == 20
+                t = time.perf_counter()
+                rec = client.predict(h, "", True, api_name="/recommend")
+                new_ladder_s.append(time.perf_counter() - t)
+                assert rec["ladder"] or not rec["index"]
         catalogue_s = []
         if bundle.has_lcrec:       # the first call loads the second model: not timed
             client.predict(users[0], api_name="/catalogue")
@@ -156,19 +172,27 @@ def main(argv=None) -> int:
               "ladder_mean_s": round(float(np.mean(ladder_s)), 2), "ladder_n": len(ladder_s),
               "catalogue_mean_s": round(float(np.mean(catalogue_s)), 2) if catalogue_s else None,
               "catalogue_n": len(catalogue_s),
+              "new_user_p50_s": round(float(np.percentile(new_s, 50)), 3) if new_s else None,
+              "new_user_max_s": round(float(np.max(new_s)), 3) if new_s else None,
+              "new_user_with_ladder_mean_s": round(float(np.mean(new_ladder_s)), 2) if new_ladder_s else None,
+              "new_user_n": len(new_s),
               "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     print(json.dumps(result))
     print("| bundle | dtype | server ready | first chart | rank p50 | rank p90 "
           f"| {len(burst_s)} at once p50 | p95 | ladder (4 rungs) | whole catalogue (LC-Rec top-10) "
+          "| new user (candidates + index + rank) p50 | new user + ladder "
           "| load avg (before, after) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     cat = f"{result['catalogue_mean_s']:.1f} s" if catalogue_s else "—"
     fc = f"{result['first_chart_s']:.1f} s" if chart else "—"
     dtype = "bf16" if args.bf16 else "int8" if args.int8 else "fp32"
     print(f"| {Path(args.bundle).name} | {dtype} | {result['server_ready_s']:.1f} s | {fc} | "
           f"{result['rank_p50_s']:.2f} s | {result['rank_p90_s']:.2f} s | "
           f"{result['burst_p50_s'] or '—'} s | {result['burst_p95_s'] or '—'} s | "
-          f"{result['ladder_mean_s']:.1f} s | {cat} | {load_before:.1f}, {os.getloadavg()[0]:.1f} |")
+          f"{result['ladder_mean_s']:.1f} s | {cat} | "
+          + (f"{result['new_user_p50_s']:.2f} s | {result['new_user_with_ladder_mean_s']:.1f} s | "
+             if new_s else "— | — | ")
+          + f"{load_before:.1f}, {os.getloadavg()[0]:.1f} |")
     return 0
 
 

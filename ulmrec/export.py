@@ -142,8 +142,14 @@ def _metrics(cfg: ExportConfig, ds_name: str) -> dict:
 
 
 def _lcrec_part(folder: str, ds) -> tuple[Path, dict, pd.DataFrame, dict]:
-    """(adapter dir, its config, item index keyed by asin, evaluation) of an LC-Rec run."""
+    """(adapter dir, its config, item index keyed by asin, evaluation) of an LC-Rec run, or of
+    the lcrec/ part of an existing bundle (re-exporting a bundle keeps its LC-Rec model: that
+    model depends on neither the user index nor the ranker)."""
     run = repo_path(folder)
+    if (run / "lcrec_config.json").exists() and (run / "item_index.parquet").exists():
+        return (run, json.loads((run / "lcrec_config.json").read_text()),
+                pd.read_parquet(run / "item_index.parquet"),
+                json.loads((run / "metrics.json").read_text()))
     adapter = run / "finetune" / "adapter"
     if not (adapter / "lcrec_config.json").exists():
         raise FileNotFoundError(f"{adapter}: no LC-Rec adapter (run `python -m train.lcrec --dataset "
@@ -169,17 +175,29 @@ def _lcrec_part(folder: str, ds) -> tuple[Path, dict, pd.DataFrame, dict]:
     return adapter, config, table, json.loads(metrics_file.read_text())
 
 
+def _same_tokenizer(a: Path, b: Path) -> bool:
+    """Byte-identical tokenizers: by the reference to the base + added tokens where both have
+    one (a full tokenizer written beside it for standard tools changes nothing), else by files."""
+    ref = "tokenizer_ref.json"
+    names = (ref,) if (a / ref).exists() and (b / ref).exists() else TOKENIZER_FILES
+    return all((a / n).exists() == (b / n).exists() and (
+        not (a / n).exists() or filecmp.cmp(a / n, b / n, shallow=False)) for n in names)
+
+
 def _copy_part(adapter: Path, ranker: Path, part: Path, config_name: str) -> tuple[Path, bool]:
     """Copy a second adapter (+ its config) into the bundle folder `part`; its tokenizer too
-    unless it is the ranker's, byte for byte (one shared copy saves 3.7 MB).
-    Returns (part, shared)."""
+    unless it is the ranker's (one shared copy saves 3.7 MB). Returns (part, shared)."""
     part.mkdir()
-    shared = all((adapter / n).exists() == (ranker / n).exists() and (
-        not (adapter / n).exists() or filecmp.cmp(adapter / n, ranker / n, shallow=False))
-        for n in TOKENIZER_FILES)
-    for name in ADAPTER_FILES + (config_name,) + (() if shared else TOKENIZER_FILES):
+    tok = adapter
+    if (adapter.parent / MANIFEST).exists() and not any((adapter / n).exists() for n in TOKENIZER_FILES):
+        tok = adapter.parent          # a part taken from a bundle shares that bundle's tokenizer
+    shared = _same_tokenizer(tok, ranker)
+    for name in ADAPTER_FILES + (config_name,):
         if (adapter / name).exists():
             shutil.copy2(adapter / name, part / name)
+    for name in () if shared else TOKENIZER_FILES:
+        if (tok / name).exists():
+            shutil.copy2(tok / name, part / name)
     return part, shared
 
 

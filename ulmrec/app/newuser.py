@@ -35,12 +35,12 @@ def add_item(history: str, title: str | None) -> str:
     return "\n".join(lines[-MAX_ITEMS:])
 
 
-def run(data: AppData, history: list[str] | str, text: str | None = None):
+def run(data: AppData, history: list[str] | str, text: str | None = None, ladder: bool = True):
     """bundle.recommend with the app's errors: AppError for anything the person can fix."""
     if isinstance(history, str):
         history = history.splitlines()
     try:
-        return data.bundle.recommend(history, text)
+        return data.bundle.recommend(history, text, ladder=ladder)
     except (InputError, BundleError) as e:
         raise AppError(str(e)) from None
 
@@ -82,7 +82,7 @@ def candidate_table(rec) -> pd.DataFrame:
 
 def api(data: AppData):
     """The /recommend endpoint (and MCP tool): a function with its own name, typed, described."""
-    def recommend(history: list[str], text: str = "") -> dict:
+    def recommend(history: list[str], text: str = "", ladder: bool = True) -> dict:
         """Recommend items for a new user from their history, with their user index and its
         decoded preference; nothing is stored.
 
@@ -91,6 +91,7 @@ def api(data: AppData):
                 catalogue titles.
             text: optional review text or a sentence on what the user likes (at most 2,000
                 characters); it shapes the user index.
+            ladder: also decode the index level by level (one generation per level: slower).
 
         Returns:
             candidates (20 items with letter, title, LLM probability and ranks), index (the
@@ -98,7 +99,7 @@ def api(data: AppData):
             LLM's reading of the history), ladder (the decoded preference per prefix), notes.
         """
         try:
-            return run(data, list(history or []), text).to_dict()
+            return run(data, list(history or []), text, ladder=bool(ladder)).to_dict()
         except AppError as e:
             raise gr.Error(str(e)) from None
     return recommend
@@ -109,19 +110,21 @@ def on_search(data: AppData, query: str):
     return gr.update(choices=hits, value=hits[0] if hits else None)
 
 
-def on_recommend(data: AppData, history: str, text: str):
-    """status, summary, shared-prefix counts, candidates, ladder."""
+def on_recommend(data: AppData, history: str, text: str, warn=None):
+    """status, summary, shared-prefix counts, candidates, ladder; `warn(message, n)` the page's
+    warning (ui._warn: a toast + the status), else the message as the status alone."""
     try:
         rec = run(data, history, text)
     except AppError as e:
-        return (str(e),) + tuple(gr.skip() for _ in range(4))
+        if warn is not None:
+            return warn(str(e), 5)
+        return (f"⚠️ {e}",) + tuple(gr.skip() for _ in range(4))
     return ("", summary_html(rec), rec.shared, candidate_table(rec),
             None if rec.ladder is None else rec.ladder)
 
 
-def build_tab(data: AppData, status) -> None:
-    """The tab's components and events (inside the Blocks of ui.build_demo)."""
-    hidden = {"api_visibility": "private"}
+def build_tab(data: AppData) -> dict:
+    """The tab's components (inside the Blocks of ui.build_demo); wire() adds the events."""
     with gr.Tab("Your own history", elem_id="own-tab"):
         gr.Markdown("Pick 1-20 items you had (oldest first, one per line: a title from the search, "
                     "an item id or an asin), add a sentence about what you like if you wish, and "
@@ -146,13 +149,24 @@ def build_tab(data: AppData, status) -> None:
                               label="table users sharing each prefix of your index",
                               elem_id="own-shared", elem_classes=["ulm-table"])
         cands = gr.Dataframe(headers=CANDIDATE_COLUMNS, label="your 20 candidates by LLM rank",
-                             wrap=True, elem_id="own-candidates", elem_classes=["ulm-table"])
+                             wrap=True, elem_id="own-candidates", elem_classes=["ulm-table"],
+                             max_height=2000)                 # all 20 rows, no inner scroll box
         ladder = gr.Dataframe(headers=["level", "prefix", "users sharing it", "generated preference"],
                               label="your index decoded level by level", wrap=True,
-                              elem_id="own-ladder", elem_classes=["ulm-table"])
+                              elem_id="own-ladder", elem_classes=["ulm-table"], max_height=2000)
+    return dict(query=query, hits=hits, add=add, history=history, text=text, go=go,
+                summary=summary, shared=shared, cands=cands, ladder=ladder)
+
+
+def wire(data: AppData, c: dict, status, warn) -> None:
+    """The tab's events and the /recommend endpoint (after every tab is built: an event or
+    endpoint declared between two tabs would split the row of tabs)."""
+    hidden = {"api_visibility": "private"}
+    query, hits, add, history, text, go = (c[k] for k in ("query", "hits", "add", "history", "text", "go"))
+    summary, shared, cands, ladder = (c[k] for k in ("summary", "shared", "cands", "ladder"))
     query.submit(lambda q: on_search(data, q), query, hits, **hidden)
     query.change(lambda q: on_search(data, q), query, hits, **hidden)
     add.click(add_item, [history, hits], history, **hidden)
-    go.click(lambda h, t: on_recommend(data, h, t), [history, text],
+    go.click(lambda h, t: on_recommend(data, h, t, warn), [history, text],
              [status, summary, shared, cands, ladder], concurrency_id="model", **hidden)
     gr.api(api(data), api_name="recommend", concurrency_id="model")

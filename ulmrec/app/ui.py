@@ -283,8 +283,7 @@ def build_demo(data: AppData) -> gr.Blocks:
                     decode_btn = gr.Button("Decode", elem_id="decode-btn", scale=0)
                 decoded = gr.Textbox(label="generated preference", lines=2, interactive=False,
                                      elem_id="decoded")
-        if data.bundle.has_retriever:
-            newuser.build_tab(data, status)
+        own = newuser.build_tab(data) if data.bundle.has_retriever else None
         if data.bundle.has_lcrec:
             with gr.Tab("Whole catalogue (LC-Rec)", elem_id="catalogue-tab"):
                 gr.Markdown(
@@ -344,6 +343,8 @@ def build_demo(data: AppData) -> gr.Blocks:
             cat_btn.click(partial(on_catalogue, data), user, [status, cat_summary, cat_table],
                           api_name="catalogue", **model) \
                 .success(lambda: gr.update(visible=True), None, cat_table, **hidden)
+        if own is not None:
+            newuser.wire(data, own, status, _warn)
         demo.load(partial(on_user, data), user, user_out, **hidden) \
             .then(partial(on_rank, data), rank_in, rank_out, **rank_group, **hidden)
     return demo

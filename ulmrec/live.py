@@ -26,7 +26,6 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from .fusion import fuse
 from .indexing.attention import segment_softmax
 from .indexing.fit import IndexConfig
 from .indexing.rqvae import RQVAE

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import inspect
 import json
 import logging
 import time
@@ -267,7 +268,12 @@ def run_stage(stage: Stage, section: dict, folder: Path, resume: bool) -> list[P
     cfg = from_dict(config_cls, section)
     if not resume and "resume" in {f.name for f in dataclasses.fields(config_cls)}:
         cfg = dataclasses.replace(cfg, resume=False)
-    runner(cfg)
+    if "command" in inspect.signature(runner).parameters:
+        # a stage that records how it was run (evaluate's tables) names the stage YAML it read
+        runner(cfg, command=f"python -m {stage.module.replace('ulmrec.', 'train.').split('.run')[0]}"
+                            f" --config {cfg_file}")
+    else:
+        runner(cfg)
     outputs = stage.outputs(cfg)
     missing = [p for p in outputs if not Path(p).exists()]
     if not outputs or missing:

@@ -534,3 +534,22 @@ def test_rank_takes_prompts_built_once(data):
         pd.testing.assert_frame_equal(a, b)
     with pytest.raises(ValueError, match="not the users' prompts"):
         data.bundle.rank(users[::-1], examples=examples)
+
+
+def test_reexport_carries_the_lcrec_part_of_an_existing_bundle(data, tmp_path, monkeypatch):
+    """--lcrec <bundle>/lcrec: a bundle re-exported (e.g. with a retrained ranker) keeps its
+    LC-Rec model as it was, tokenizer still shared."""
+    import filecmp
+
+    from train import export
+    from ulmrec.bundle import load_bundle
+    old = data.bundle.root
+    monkeypatch.setenv("ULMREC_RUNS", str(old.parent / "runs"))
+    out = tmp_path / "again"
+    assert export.main(["--dataset", "gift-cards", "--run-name", "t", "--results-dir",
+                        str(old.parent / "results"), "--out", str(out), "--lcrec", str(old / "lcrec")]) == 0
+    again = load_bundle(out)
+    assert again.manifest["lcrec"] == data.bundle.manifest["lcrec"]
+    assert filecmp.cmp(out / "lcrec" / "adapter_model.safetensors", old / "lcrec" / "adapter_model.safetensors",
+                       shallow=False)
+    assert again.lcrec_items.equals(data.bundle.lcrec_items)

@@ -37,7 +37,6 @@ from .hubcard import clean_for_hub, hub_base_id
 from .hubcard import model_card as hub_model_card
 from .hubcard import scrub
 from .indexing.encoder import embed_cached, load_encoder
-from .indexing.reviews import build_review_sets
 from .indexing.table import parse_token_string
 from .paths import atomic_dir, repo_path, runs_root, sha256_file
 from .ranker import load_candidates, load_pid_table, load_preference_series
@@ -247,7 +246,9 @@ def _indexer_part(ds, src: Path, part: Path) -> dict:
     summary = json.loads((src / "summary.json").read_text())
     settings = summary["settings"]
     enc = load_encoder(settings.get("encoder") or None, settings.get("max_length", 256))
-    ids, _ = embed_cached(enc, build_review_sets(ds).reviewer_ids, desc=f"{ds.name} user IDs")
+    # the same list, in the same order, as the index run encoded (build_review_sets): a cache hit
+    rids = ds.users.sort_values("user")["reviewerID"].astype(str).tolist()
+    ids, _ = embed_cached(enc, rids, desc=f"{ds.name} user IDs")
     tensors = load_file(src / "model.safetensors")
     tensors["new_user_query"] = torch.from_numpy(np.asarray(ids, np.float32).mean(0))
     part.mkdir()

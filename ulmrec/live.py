@@ -33,7 +33,7 @@ from .indexing.table import level_letter, parse_token_string, token_string
 from .model import encode
 from .prompts import INSTRUCTIONS, history_line
 from .retrieval.evaluate import masked_scores
-from .retrieval.trainer import MODELS
+from .retrieval.trainer import load_retriever
 from .tasks import Example, TaskInputs, next_item_example
 
 MAX_ITEMS = 20        # the most history items one request may give
@@ -111,12 +111,10 @@ class LiveRetriever:
 
     @classmethod
     def load(cls, folder: Path, asin_to_item: dict[str, int]) -> "LiveRetriever":
-        spec = json.loads((folder / "model.json").read_text())
-        model = MODELS[spec["model"]](spec["num_items"], **spec["kwargs"])
-        model.load_state_dict(load_file(folder / "model.safetensors"))
+        model, spec = load_retriever(folder)
         asins = json.loads((folder / "items.json").read_text())      # position = retriever id
         to_model = {asin_to_item[a]: i for i, a in enumerate(asins) if i and a in asin_to_item}
-        return cls(model.eval(), int(spec["kwargs"]["max_len"]), to_model,
+        return cls(model, int(spec["kwargs"]["max_len"]), to_model,
                    {m: i for i, m in to_model.items()})
 
     def top(self, history: list[int], k: int = 20) -> tuple[list[int], list[float]]:

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..indexing.table import level_letter, parse_token_string, token_string
+from ..live import shared_counts
 from ..profile import ProfileIndex
 from ..ranker import serve_ready
 
@@ -204,7 +205,11 @@ def index_chips(data: AppData, user: int) -> str:
         index = data.bundle.users.set_index("user").at[user, "index"]
         return (f"<div class='ulm-note'>index kind '{html.escape(str(data.bundle.manifest.get('index_kind')))}': "
                 f"<code>{html.escape(str(index))}</code> (no semantic codes)</div>")
-    codes = data.codes[_row_pos(data, user)]
+    return chips_html(data.codes[_row_pos(data, user)])
+
+
+def chips_html(codes) -> str:
+    """Codes [L] as coloured chips labelled with their level (integers only: nothing to escape)."""
     chips = "".join(
         f"<span class='ulm-chip ulm-l{lv}' title='level {level_letter(lv)}'>"
         f"<small>{level_letter(lv)}</small>&lt;{level_letter(lv)}_{int(c)}&gt;</span>"
@@ -215,13 +220,7 @@ def index_chips(data: AppData, user: int) -> str:
 def prefix_table(data: AppData, user: int) -> pd.DataFrame:
     """For each level: the prefix up to it and how many users share that prefix."""
     _need_codes(data)
-    mine = data.codes[_row_pos(data, user)]
-    shared = shared_prefix(data.codes, mine)
-    return pd.DataFrame({
-        "level": [level_letter(lv) for lv in range(len(mine))],
-        "prefix": [token_string(mine[: lv + 1]) for lv in range(len(mine))],
-        "users sharing it": [int((shared > lv).sum()) for lv in range(len(mine))],
-    })
+    return shared_counts(data.codes, data.codes[_row_pos(data, user)])
 
 
 def nearest_users(data: AppData, user: int, k: int = NEIGHBOURS) -> pd.DataFrame:

@@ -8,10 +8,10 @@ import gradio as gr
 import pandas as pd
 
 from ulmrec.bundle import BundleError
-from ulmrec.indexing.table import level_letter, parse_token_string
+from ulmrec.indexing.table import parse_token_string
 from ulmrec.live import MAX_ITEMS, InputError
 
-from .logic import AppData, AppError
+from .logic import AppData, AppError, chips_html
 
 SEARCH_HITS = 20
 CANDIDATE_COLUMNS = ["LLM rank", "letter", "title", "LLM probability", "retriever rank"]
@@ -45,19 +45,12 @@ def run(data: AppData, history: list[str] | str, text: str | None = None, ladder
         raise AppError(str(e)) from None
 
 
-def chips(index: str) -> str:
-    codes = parse_token_string(index)
-    return "<div class='ulm-chips'>" + "".join(
-        f"<span class='ulm-chip ulm-l{lv}'><small>{level_letter(lv)}</small>"
-        f"&lt;{level_letter(lv)}_{int(c)}&gt;</span>" for lv, c in enumerate(codes)) + "</div>"
-
-
 def summary_html(rec) -> str:
     """Index chips, where they came from, the LLM's own reading, collisions and notes; every
     piece of the input shown here is escaped (a title or text is text, never markup)."""
     parts = []
     if rec.index:
-        parts.append(chips(rec.index))
+        parts.append(chips_html(parse_token_string(rec.index)))
         parts.append(f"<p>index from {html.escape(rec.index_source)}</p>")
     if rec.predicted_index and rec.predicted_index != rec.index:
         agree = "" if rec.agreement is None else f" — agrees on {rec.agreement:.0%} of levels"
@@ -133,7 +126,7 @@ def build_tab(data: AppData) -> dict:
                     "enter is stored.")
         with gr.Row():
             with gr.Column(scale=1, min_width=260):
-                query = gr.Textbox(label="search the catalogue", placeholder="words of a title",
+                query = gr.Textbox(label="search the catalogue", placeholder="words of a title, then Enter",
                                    elem_id="own-search")
                 hits = gr.Dropdown([], label="matching titles", elem_id="own-hits",
                                    allow_custom_value=False)
@@ -164,8 +157,8 @@ def wire(data: AppData, c: dict, status, warn) -> None:
     hidden = {"api_visibility": "private"}
     query, hits, add, history, text, go = (c[k] for k in ("query", "hits", "add", "history", "text", "go"))
     summary, shared, cands, ladder = (c[k] for k in ("summary", "shared", "cands", "ladder"))
+    # on Enter only: a search per keystroke would race its own answers into the list
     query.submit(lambda q: on_search(data, q), query, hits, **hidden)
-    query.change(lambda q: on_search(data, q), query, hits, **hidden)
     add.click(add_item, [history, hits], history, **hidden)
     go.click(lambda h, t: on_recommend(data, h, t, warn), [history, text],
              [status, summary, shared, cands, ladder], concurrency_id="model", **hidden)

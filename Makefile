@@ -22,10 +22,9 @@ $(STAMP): requirements.txt requirements-models.txt requirements-dev.txt
 DEMO ?= $(if $(wildcard assets/games/bundle.json),games,gift-cards)
 DEMO_BUNDLE = $(or $(if $(filter games,$(DEMO)),assets/games),$(if $(filter gift-cards,$(DEMO)),assets/demo),$(DEMO))
 
-# On CPU the games demo ranks in dynamic int8: 20 concurrent users within 8 s and the same top
-# candidate for all 400 users measured (docs/app.md); `make demo SERVE=` serves the evaluated
-# float32 model. Gift-cards stays float32: its flatter letter probabilities lose their top
-# candidate to int8 for half of its users.
+# On CPU the games demo ranks with int8 weights (torchao weight-only: a quarter of the linear
+# weights' memory, the same top candidate for all 100 users measured, ~1.1x the float32 speed;
+# docs/app.md); `make demo SERVE=` serves the evaluated float32 model. Gift-cards stays float32.
 SERVE ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,$(if $(filter games,$(DEMO)),--int8))
 
 demo: $(STAMP)

@@ -30,6 +30,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))      # `python bench/app.py` from anywhere
+from ulmrec.report import markdown_table  # noqa: E402
+
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -178,21 +180,19 @@ def main(argv=None) -> int:
               "new_user_n": len(new_s),
               "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     print(json.dumps(result))
-    print("| bundle | dtype | server ready | first chart | rank p50 | rank p90 "
-          f"| {len(burst_s)} at once p50 | p95 | ladder (4 rungs) | whole catalogue (LC-Rec top-10) "
-          "| new user (candidates + index + rank) p50 | new user + ladder "
-          "| load avg (before, after) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     cat = f"{result['catalogue_mean_s']:.1f} s" if catalogue_s else "—"
     fc = f"{result['first_chart_s']:.1f} s" if chart else "—"
     dtype = "bf16" if args.bf16 else "int8" if args.int8 else "fp32"
-    print(f"| {Path(args.bundle).name} | {dtype} | {result['server_ready_s']:.1f} s | {fc} | "
-          f"{result['rank_p50_s']:.2f} s | {result['rank_p90_s']:.2f} s | "
-          f"{result['burst_p50_s'] or '—'} s | {result['burst_p95_s'] or '—'} s | "
-          f"{result['ladder_mean_s']:.1f} s | {cat} | "
-          + (f"{result['new_user_p50_s']:.2f} s | {result['new_user_with_ladder_mean_s']:.1f} s | "
-             if new_s else "— | — | ")
-          + f"{load_before:.1f}, {os.getloadavg()[0]:.1f} |")
+    new_user = [f"{result['new_user_p50_s']:.2f} s", f"{result['new_user_with_ladder_mean_s']:.1f} s"] \
+        if new_s else ["—", "—"]
+    row = [Path(args.bundle).name, dtype, f"{result['server_ready_s']:.1f} s", fc,
+           f"{result['rank_p50_s']:.2f} s", f"{result['rank_p90_s']:.2f} s",
+           f"{result['burst_p50_s'] or '—'} s", f"{result['burst_p95_s'] or '—'} s",
+           f"{result['ladder_mean_s']:.1f} s", cat, *new_user, f"{load_before:.1f}, {os.getloadavg()[0]:.1f}"]
+    print(markdown_table(["bundle", "dtype", "server ready", "first chart", "rank p50", "rank p90",
+                          f"{len(burst_s)} at once p50", "p95", "ladder (4 rungs)",
+                          "whole catalogue (LC-Rec top-10)", "new user (candidates + index + rank) p50",
+                          "new user + ladder", "load avg (before, after)"], [row], "llrrrrrrrrrrl"))
     return 0
 
 

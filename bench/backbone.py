@@ -38,6 +38,7 @@ from ulmrec.metrics import metrics_from_ranks, sample_eval_users, target_ranks  
 from ulmrec.model import collate, encode, response_loss, score_examples  # noqa: E402
 from ulmrec.paths import atomic_write_json, repo_path, runs_root  # noqa: E402
 from ulmrec.prompts import resolve_format  # noqa: E402
+from ulmrec.report import markdown_table  # noqa: E402
 from ulmrec.ranker import RankerConfig, build_ranker, load_base, load_candidates, load_task_inputs  # noqa: E402
 from ulmrec.bundle import ServeConfig  # noqa: E402
 from ulmrec.tasks import eval_examples, training_examples  # noqa: E402
@@ -178,18 +179,18 @@ def main(argv=None) -> int:
 
     print(f"\nbackbones on {ds.name}, {args.threads} thread(s), LoRA (q,v) step at batch "
           f"{args.batch} x {args.tokens} tokens with logits_to_keep")
-    print("| backbone | params | format | load first s | load cached s | step s (median) | "
-          "untuned Rank NDCG@10 | retriever order, same users |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    table = []
     for name, r in rows.items():
         u = r.get("untuned", {})
         first = f"{r['first_load_s']:.1f}" if "first_load_s" in r else "–"
         params = f"{r['parameters'] / 1e6:.0f}M" if "parameters" in r else "–"
         fmt = r.get("format") or u.get("format", "–")
-        print(f"| {name} | {params} | {fmt} | {first} | "
-              f"{r['cached_load_s']:.1f} | {r.get('step_s_median', float('nan')):.2f} | "
-              f"{u.get('rank_ndcg10', float('nan')):.4f} ({u.get('users', 0)} users) | "
-              f"{u.get('retriever_rank_ndcg10', float('nan')):.4f} |")
+        table.append([name, params, fmt, first, f"{r['cached_load_s']:.1f}",
+                      f"{r.get('step_s_median', float('nan')):.2f}",
+                      f"{u.get('rank_ndcg10', float('nan')):.4f} ({u.get('users', 0)} users)",
+                      f"{u.get('retriever_rank_ndcg10', float('nan')):.4f}"])
+    print(markdown_table(["backbone", "params", "format", "load first s", "load cached s", "step s (median)",
+                          "untuned Rank NDCG@10", "retriever order, same users"], table, "lrlrrrrr"))
     atomic_write_json(repo_path(args.out), {
         "command": "python bench/backbone.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "dataset": ds.name, "threads": args.threads, "load_average": os.getloadavg(),

@@ -38,6 +38,7 @@ from ulmrec.decode import (DecodeSettings, catalogue_vocab, centroids, decode_in
                            own_retrieval, prefix_fidelity, sample_negatives)
 from ulmrec.indexing.table import level_letter, parse_token_string, token_string
 from ulmrec.paths import atomic_write, atomic_write_json, display_path, repo_path
+from ulmrec.report import markdown_table
 
 log = logging.getLogger("bench.decode")
 
@@ -275,19 +276,18 @@ def results_table(payload: dict) -> str:
         f"**{payload['dataset']}**, {payload['users']} users (of {payload['meta']['pool_users']} "
         f"with a reference); reference = {ref['note']}"
         + (" — **leak-prone**" if ref.get("leak_prone") else ""), "",
-        f"`{payload['command']}`", "",
-        "| system | " + " | ".join(c[1] for c in cols) + " |",
-        "|---|" + "---:|" * len(cols)]
+        f"`{payload['command']}`", ""]
+    rows = []
     for system, res in payload["results"].items():
-        vals = " | ".join(f"{res[k]:.3f}" for k, _ in cols)
         same = " (= the reference text: an upper bound)" if system == "extractive" and \
             ref.get("name") == "extractive" else ""
-        lines.append(f"| {SYSTEMS.get(system, system)}{same} | {vals} |")
+        rows.append([f"{SYSTEMS.get(system, system)}{same}"] + [f"{res[k]:.3f}" for k, _ in cols])
     chance = next(iter(payload["results"].values()))
-    lines.append("| chance | " + " | ".join(
-        [f"{payload['meta']['own_mrr_chance']:.3f}", f"{1 / payload['meta']['own_candidates']:.3f}",
-         f"{min(1.0, 10 / payload['meta']['own_candidates']):.3f}"]
-        + [f"{chance[f'level_{lv}_chance']:.3f}" for lv in levels] + ["", ""]) + " |")
+    rows.append(["chance", f"{payload['meta']['own_mrr_chance']:.3f}",
+                 f"{1 / payload['meta']['own_candidates']:.3f}",
+                 f"{min(1.0, 10 / payload['meta']['own_candidates']):.3f}"]
+                + [f"{chance[f'level_{lv}_chance']:.3f}" for lv in levels] + ["", ""])
+    lines.append(markdown_table(["system"] + [c[1] for c in cols], rows, "l" + "r" * len(cols)))
     lines += ["", f"Own retrieval: the full-index text vs the user's reference and "
               f"{payload['meta']['own_candidates'] - 1} other users' (MiniLM cosine, ties count "
               "against). Prefix accuracy: the prefix's text is closest to the centroid of the "
@@ -304,12 +304,13 @@ def results_table(payload: dict) -> str:
         lines += ["", "### Example ladders (the sampled users with the most training items)"]
         for ex in payload["examples"]:
             lines += ["", f"**{ex['reviewerID']}** (#{ex['user']}, {ex['train_items']} training items), "
-                      f"reference: *{ex['reference']}*", "",
-                      "| prefix | generated | users | what they share (data) |", "|---|---|---:|---|"]
+                      f"reference: *{ex['reference']}*", ""]
+            rungs = []
             for r in ex["rungs"]:
                 prof = r["profile_text"].split(" · ", 1)[-1] if " · " in r["profile_text"] else ""
-                lines.append(f"| `{r['prefix']}` | {r['generated']} | {r['users']} | "
-                             f"{prof.replace('|', '/')} |")
+                rungs.append([f"`{r['prefix']}`", r["generated"], r["users"], prof.replace("|", "/")])
+            lines.append(markdown_table(["prefix", "generated", "users", "what they share (data)"],
+                                        rungs, "llrl"))
     return "\n".join(lines)
 
 

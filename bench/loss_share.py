@@ -12,6 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/loss_share.py` from anywhere
 
+from ulmrec.report import markdown_table  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
     from ulmrec.finetune import FinetuneConfig
@@ -35,11 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         terms[ex.task] += 1 if cfg.loss == "letters" and ex.task == "next_item" else n
         rows[ex.task] += 1
     total_terms, total_rows = sum(terms.values()), sum(rows.values())
-    print("| task | examples | share of examples | loss terms | share of the token-mean loss |")
-    print("|---|---:|---:|---:|---:|")
-    for task in sorted(rows):
-        print(f"| {task} | {rows[task]} | {rows[task] / total_rows:.1%} | {terms[task]} | "
-              f"{terms[task] / total_terms:.1%} |")
+    shares = [[task, rows[task], f"{rows[task] / total_rows:.1%}", terms[task], f"{terms[task] / total_terms:.1%}"]
+              for task in sorted(rows)]
+    print(markdown_table(["task", "examples", "share of examples", "loss terms", "share of the token-mean loss"],
+                         shares, "lrrrr"))
     return 0
 
 

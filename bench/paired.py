@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/pa
 
 from ulmrec.metrics import ndcg_per_user, order_habits, target_ranks  # noqa: E402
 from ulmrec.paths import atomic_write, prediction_suffix, runs_root  # noqa: E402
+from ulmrec.report import markdown_table  # noqa: E402
 
 
 def _targets_and_probs(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -140,22 +141,23 @@ def main(argv=None) -> int:
         scores[f"ensemble of {' + '.join(members)}"] = ensemble_per_user(
             [frames[m].loc[users].reset_index() for m in members])
     print(f"{args.dataset}: {len(users)} users ranked by every run (target among the 20)\n")
-    print("| system | Rank NDCG@10 | top letter A | Spearman with the list's order |")
-    print("|---|---:|---:|---:|")
+    systems = []
     for name, s in scores.items():
         a, rho = habits.get(name, (float("nan"), float("nan")))
-        print(f"| {name} | {s.mean():.4f} | {a:.1%} | {rho:.2f} |")
-    print("\n| A − B | mean difference | 95% bootstrap CI | A better / B better / tie (users) |")
-    print("|---|---:|---|---|")
-    rows = []
+        systems.append([name, f"{s.mean():.4f}", f"{a:.1%}", f"{rho:.2f}"])
+    print(markdown_table(["system", "Rank NDCG@10", "top letter A", "Spearman with the list's order"],
+                         systems, "lrrr"))
+    rows, pairs = [], []
     for a, b in itertools.combinations(scores, 2):
         d = scores[a] - scores[b]
         lo, hi = bootstrap(d, args.bootstrap)
         rows.append({"a": a, "b": b, "mean": float(d.mean()), "lo": lo, "hi": hi,
                      "users": len(users), "a_better": int((d > 0).sum()),
                      "b_better": int((d < 0).sum())})
-        print(f"| {a} − {b} | {d.mean():+.4f} | [{lo:+.4f}, {hi:+.4f}] | "
-              f"{int((d > 0).sum())} / {int((d < 0).sum())} / {int((d == 0).sum())} |")
+        pairs.append([f"{a} − {b}", f"{d.mean():+.4f}", f"[{lo:+.4f}, {hi:+.4f}]",
+                      f"{int((d > 0).sum())} / {int((d < 0).sum())} / {int((d == 0).sum())}"])
+    print("\n" + markdown_table(["A − B", "mean difference", "95% bootstrap CI",
+                                 "A better / B better / tie (users)"], pairs, "lrll"))
     out = Path(args.out) if args.out else Path(__file__).resolve().parents[1] / "results" / f"paired-{args.dataset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda p: p.write_text(json.dumps(rows, indent=1) + "\n"))

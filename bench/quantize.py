@@ -2,10 +2,11 @@
 
     python bench/quantize.py --bundle assets/games --users 200 [--threads 2]
 
-Loads the bundle's ranker twice (fp32 as trained; LoRA merged + dynamic int8 linear layers,
-ulmrec.ranker.quantize_int8), scores the same test users whose target is among the
-candidates, and reports seconds per prompt (batch 8), Rank NDCG@10 of each with the paired
-difference (95% bootstrap CI), top-1 agreement and the mean |Δ letter probability|.
+Loads the bundle's ranker twice (fp32 as trained; LoRA merged + int8 weight-only linear
+layers through torchao, ulmrec.ranker.quantize_int8), scores the same test users whose
+target is among the candidates, and reports seconds per prompt (batch 8), Rank NDCG@10 of
+each with the paired difference (95% bootstrap CI), top-1 agreement and the mean |Δ letter
+probability|.
 Writes results/quantize-<dataset>.json.
 """
 from __future__ import annotations
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     ap.add_argument("--users", type=int, default=200, help="test users whose target was retrieved")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    ap.add_argument("--skip", nargs="*", default=["down_proj"],
+    ap.add_argument("--skip", nargs="*", default=[],
                     help="linear layers kept fp32 (name endings; none: --skip)")
     ap.add_argument("--out", default=None, help="default results/quantize-<dataset>.json")
     args = ap.parse_args(argv)

@@ -21,6 +21,7 @@ from ulmrec.config import parse_config  # noqa: E402
 from ulmrec.data import load_dataset  # noqa: E402
 from ulmrec.model import collate, encode, score_examples  # noqa: E402
 from ulmrec.ranker import build_ranker, load_candidates, load_task_inputs  # noqa: E402
+from ulmrec.report import markdown_table  # noqa: E402
 from ulmrec.tasks import eval_examples, training_examples  # noqa: E402
 
 
@@ -68,11 +69,11 @@ def main(argv=None) -> int:
 
     name = cfg.backbone or "SmolLM2-135M-Instruct (embedded)"
     print(f"ranker benchmark — {ds.name}, {name}, {device}, {torch.get_num_threads()} threads")
-    print(f"| prompt tokens (mean) | latency s/user (batch 1) | users/s (batch {cfg.eval_batch_size}) "
-          f"| train tokens/s (batch {cfg.batch_size}) | s/step |")
-    print("|---:|---:|---:|---:|---:|")
-    print(f"| {sum(lengths) / len(lengths):.0f} | {latency:.3f} | {users_per_s:.2f} | "
-          f"{tokens / train_s:.0f} | {train_s / max(1, len(train) // cfg.batch_size):.2f} |")
+    head = ["prompt tokens (mean)", "latency s/user (batch 1)", f"users/s (batch {cfg.eval_batch_size})",
+            f"train tokens/s (batch {cfg.batch_size})", "s/step"]
+    row = [f"{sum(lengths) / len(lengths):.0f}", f"{latency:.3f}", f"{users_per_s:.2f}",
+           f"{tokens / train_s:.0f}", f"{train_s / max(1, len(train) // cfg.batch_size):.2f}"]
+    print(markdown_table(head, [row], "rrrrr"))
     return 0
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from ulmrec.config import parse_config
 from ulmrec.paths import atomic_write
+from ulmrec.report import markdown_table
 from ulmrec.retrieval import RetrievalConfig, run, run_dir
 
 # LRURec test Recall@20 implied by the ULMRec paper (Overall = Rank × retriever Recall@20)
@@ -65,15 +66,14 @@ def markdown(entries: list[dict]) -> str:
     """The docs/README table from results/retrieval.json entries (mean ± std over seeds)."""
     cols = ["Recall@5", "NDCG@5", "Recall@10", "NDCG@10", "Recall@20", "NDCG@20"]
     short = lambda c: c.replace("Recall", "R").replace("NDCG", "N")  # noqa: E731
-    lines = ["| dataset | model | seeds | " + " | ".join(short(c) for c in cols) + " | best epoch |",
-             "|---|---|---:|" + "---:|" * (len(cols) + 1)]
+    rows = []
     for e in entries:
         cell = (lambda c: f"{e['mean'][c]:.4f} ± {e['std'][c]:.4f}") if len(e["seeds"]) > 1 \
             else (lambda c: f"{e['mean'][c]:.4f}")
         epochs = ", ".join(str(r["best_epoch"]) for r in e["runs"])
-        lines.append(f"| {e['dataset']} | {e['model']} | {len(e['seeds'])} | "
-                     + " | ".join(cell(c) for c in cols) + f" | {epochs} |")
-    return "\n".join(lines)
+        rows.append([e["dataset"], e["model"], len(e["seeds"])] + [cell(c) for c in cols] + [epochs])
+    return markdown_table(["dataset", "model", "seeds"] + [short(c) for c in cols] + ["best epoch"],
+                          rows, "llr" + "r" * (len(cols) + 1))
 
 
 def seed_config(dataset: str, model: str, seed: int, threads: int = 0) -> RetrievalConfig:

@@ -1,8 +1,9 @@
 """The Gradio app's callbacks on a tiny real bundle (random Llama, P-ID index, gift-cards),
 and a bounded load test against the served app on loopback."""
-import html
 import itertools
+import json
 import random
+import re
 import socket
 from pathlib import Path
 
@@ -107,11 +108,42 @@ def test_choices_filters_and_random(data):
     assert user_choices(missed, retrieved="no") == [(label, uid)]
     assert uid not in {u for _, u in user_choices(missed, retrieved="yes")}
     assert random_user(short, random.Random(0)) in {u for _, u in short}
-    from ulmrec.app import ui
-    status, count, _, kept = ui.on_filter(data, 5, 6, "any")
-    assert status == "" and count == f"{len(short)} users match" and kept == short
+    from ulmrec.app import logic, ui
+    # the page gets the count and at most SEARCH_HITS labels, never the whole list
+    status, count, hits = ui.on_filter(data, 5, 6, "any")
+    assert status == "" and count == f"{len(short)} users match"
+    assert hits["choices"] == [lb for lb, _ in short][: logic.SEARCH_HITS]
+    status, count, hits = ui.on_filter(data, None, None, "any")
+    assert count == "453 users match" and len(hits["choices"]) == logic.SEARCH_HITS == 50
+    assert "the first 50" in hits["label"]
+    # Random draws on the server from the filter values
+    rng = random.Random(0)
+    assert {logic.draw_user(data, 5, 6, rng=rng) for _ in range(20)} <= {u for _, u in short}
     with pytest.raises(AppError, match="no user matches"):
         random_user(user_choices(data, 1000, None))
+    with pytest.raises(AppError, match="no user matches"):
+        logic.draw_user(data, 1000, None)
+
+
+def test_outcome_counts_and_a_filter_for_each_group(data):
+    """The bundle's evaluated users, grouped by where the LLM put the real item against the
+    retriever (up / same / down): counted on the page and browsable through the filter."""
+    from ulmrec.app import logic, ui
+    out = data.bundle.outcomes
+    assert out is not None and len(out) == data.bundle.manifest["outcomes"]["users"] > 0
+    n = out["moved"].value_counts()
+    text = logic.outcome_counts(data)
+    assert f"{len(out):,} evaluated test users" in text
+    for move, words in (("up", "moved it **up** for"), ("same", "**in place** for"),
+                        ("down", "moved it **down** for")):
+        assert f"{words} {n.get(move, 0):,}" in text
+        ids = set(logic.filtered_users(data, retrieved=move))
+        assert ids == set(out.index[out["moved"] == move])
+        status, count, _ = ui.on_filter(data, None, None, move)
+        assert status == "" and count == f"{len(ids)} users match"
+    assert [v for _, v in logic.retrieved_choices(data)] == ["any", "yes", "no", "up", "same", "down"]
+    status, *_ = ui.on_filter(data, None, None, "sideways")
+    assert status.startswith("⚠️") and "sideways" in status
 
 
 def test_resolve_user_by_id_label_or_reviewer_and_unknown(data):
@@ -130,6 +162,62 @@ def test_resolve_user_by_id_label_or_reviewer_and_unknown(data):
     assert out[0] == "⚠️ unknown user 'NOT-A-USER'" and len(out) == ui.USER_OUTPUTS
     out = ui.on_user(data, uid)
     assert out[0] == "" and rid in out[1] and "&lt;a_" in out[1]
+
+
+def _out(out) -> dict:
+    """ui.on_user's outputs by name."""
+    names = ["status", "summary", "prefixes", "near", "history", "pref", "prefix_box", "box",
+             "shown", "loaded", "hits"]
+    assert len(out) == len(names)
+    return dict(zip(names, out))
+
+
+def test_user_box_mistakes_warn_once_and_keep_the_shown_user(data, monkeypatch):
+    """Enter on a bad id, an empty box or a search: one warning per mistake, the box shows
+    the shown user's label again, and nothing is re-ranked."""
+    import gradio as gr
+
+    from ulmrec.app import handlers, logic, ui
+    warnings = []
+    monkeypatch.setattr(handlers.gr, "Warning", lambda m: warnings.append(m))
+    monkeypatch.setattr(handlers.gr, "Info", lambda m: warnings.append(("info", m)))
+    shown = logic.start_user(data)
+    label = logic.user_label(data, shown)
+    skip = gr.skip()
+    for bad, message in (("NOBODY-HERE", "unknown user 'NOBODY-HERE'"), ("", "no user given"),
+                         ("   ", "no user given"), ("#99999", "unknown user id 99999")):
+        warnings.clear()
+        out = _out(ui.on_user(data, bad, shown))
+        assert out["status"].startswith(f"⚠️ {message}"), out["status"]
+        assert out["box"] == label and out["shown"] == skip and out["loaded"] is False
+        assert all(out[k] == skip for k in ("summary", "prefixes", "near", "history"))
+        # the page's next step ranks nothing and warns nothing; the Rank button's next step
+        # reads the box, which names the shown user again
+        assert ui.rank_if_loaded(data, shown, False, out["loaded"]) == (skip,) * 5
+        status, *_ = ui.on_rank(data, out["box"], False)
+        assert status == "" and len(warnings) == 1, warnings
+    # part of a reviewerID: several matches fill the list (no warning), one loads its user
+    rids = data.users["reviewerID"]
+    part = rids.iloc[0][:2]
+    many = rids[rids.str.casefold().str.contains(part.casefold(), regex=False)]
+    assert len(many) > 1
+    warnings.clear()
+    out = _out(ui.on_user(data, part, shown))
+    assert out["status"] == "" and out["box"] == label and out["loaded"] is False
+    assert set(out["hits"]["choices"]) <= set(logic.user_labels(data, many.index))
+    assert f"{len(many)} users match '{part}'" in out["hits"]["label"]
+    assert warnings == [("info", f"{len(many)} users match '{part}': pick one in the list "
+                                 "under the box")]
+    folded = rids.str.casefold()
+    one = next(r for r in rids if folded.str.contains(r[:9].casefold(), regex=False).sum() == 1)
+    uid = int(data.users.index[rids == one][0])
+    out = _out(ui.on_user(data, one[:9].lower(), shown))
+    assert out["box"] == logic.user_label(data, uid) and out["shown"] == uid and out["loaded"]
+    # the user shown already: the box gets its label, nothing is redrawn or re-ranked
+    out = _out(ui.on_user(data, f"#{shown}", shown))
+    assert out["box"] == label and out["loaded"] is False and out["summary"] == skip
+    out = _out(ui.on_random(data, None, None, "any", shown))
+    assert out["loaded"] and out["shown"] != shown and out["box"] == logic.user_label(data, out["shown"])
 
 
 # ------------------------------------------------------------------ the semantic index
@@ -184,7 +272,8 @@ def test_ladder_has_four_growing_rungs(data):
     ("", "not an index prefix: ''"),
     ("<a_1>junk", "holds text besides"),
     ("<a_999>", "code 999 is outside the codebook"),
-    ("<a_1><b_1><c_1><d_1><e_1>", "at most 4 levels"),
+    ("<a_1><b_1><c_1><d_1><e_1>", "this index has 4 levels (<a_…> to <d_…>); this prefix has 5"),
+    ("<a_1><b_1><c_1><d_1><a_2>", "this index has 4 levels (<a_…> to <d_…>); this prefix has 5"),
     ("<a_1><c_2>", "level b is missing: <a_1> is followed by <c_2>"),
     ("<b_1>", "it starts at level b"),
     ("<a_1><b_2><b_3>", "<b_3> comes after <b_2>"),
@@ -192,10 +281,11 @@ def test_ladder_has_four_growing_rungs(data):
 def test_malformed_prefix_message(data, bad, message):
     from ulmrec.app import ui
     from ulmrec.app.logic import AppError, decode_prefix
-    with pytest.raises(AppError, match=message.replace("(", r"\(")):
+    with pytest.raises(AppError, match=re.escape(message)):
         decode_prefix(data, bad)
-    status, _ = ui.on_decode(data, bad)
+    status, decoded = ui.on_decode(data, bad)
     assert status.startswith("⚠️ ") and message in status     # plain text: API clients read it
+    assert decoded == ""           # the last answer would read as this prefix's
 
 
 def test_decode_accepts_spaced_prefix(data):
@@ -217,6 +307,16 @@ def test_rank_view_chart_table_and_metrics(data):
     # the chart: every letter on the y axis, retriever order, the target alone in its colour
     order = list(fig.layout.yaxis.categoryarray)
     assert [lb[0] for lb in order] == list("ABCDEFGHIJKLMNOPQRST")
+    # short one-line tick labels (a phone has ~350 px for labels and bars), letters in one
+    # column; the full title in the hover text
+    from ulmrec.app.ranking import TICK_CHARS
+    assert len(set(map(len, order))) == 1 and len(order[0]) <= TICK_CHARS + 4
+    for lb, title in zip(order, frame["title"]):
+        shown = lb.split(" · ", 1)[1].rstrip("\u00a0")
+        assert "<br>" not in lb and (shown == title or (shown.endswith("…") and title.startswith(shown[:-1])))
+    hover = {str(t) for tr in fig.data for t in tr.customdata[:, 3]}
+    assert hover == set(map(str, frame["title"])) and "customdata[3]" in fig.data[0].hovertemplate
+    assert fig.layout.xaxis.nticks <= 5 and fig.layout.xaxis.automargin and fig.layout.yaxis.automargin
     gt = [t for t in fig.data if t.name == "ground truth"]
     assert len(gt) == 1 and gt[0].marker.color == TARGET
     letter = frame.loc[frame["is_target"], "letter"].item()
@@ -295,7 +395,7 @@ def test_overview(data):
         marked = {i for i in part.index if styled.get((i, col))}
         assert marked == set(part.index[part == part.max()]) or part.nunique() == 1
     text = overview.dataset_markdown(data)
-    assert "| users | 453 |" in text and "| index kind | pid |" in text
+    assert "| users | 453 |" in text and "| index kind | pid: codes this project learned" in text
     usage = overview.codebook_usage(data)
     users = data.bundle.users
     assert list(usage["codes used"]) == [users[c].nunique() for c in "abcd"]
@@ -314,16 +414,61 @@ def test_overview_says_who_and_prints_no_machine_path(data):
     assert labels == {"demo": "ULMRec", "ulmrec-long": "ULMRec [ulmrec-long]"}
     assert overview.system_labels(["g", "g + retriever prior"], "g") == {
         "g": "ULMRec", "g + retriever prior": "ULMRec + retriever prior"}
-    cap = overview.results_caption({"test_users": 200, "command":
-                                    "python -m train.evaluate --config /home/someone/x/runs/g/pipeline/evaluate.yaml"})
-    assert "/home" not in cap and "--config runs/g/pipeline/evaluate.yaml" in cap
-    # a fallback to the very source asked for is not a note; one note per meaning
+    # the command that made the table is for whoever reproduces it: in the collapsed
+    # "How to reproduce" accordion, relative to the repository root, not in the caption
     import dataclasses
+    cmd = "python -m train.evaluate --config /home/someone/x/runs/g/pipeline/evaluate.yaml"
+    metrics = {**data.bundle.metrics, "test_users": 200, "command": cmd}
+    cap = overview.results_caption(metrics, overview.results_table(metrics, data.bundle.manifest["run"]))
+    assert "python" not in cap and "`" not in cap and "200 sampled test users" in cap
+    how = overview.reproduce_markdown(dataclasses.replace(data, bundle=dataclasses.replace(
+        data.bundle, metrics=metrics)))
+    assert "/home" not in how and "--config runs/g/pipeline/evaluate.yaml" in how
+    assert "python app.py --bundle" in how
+    # a fallback to the very source asked for is not a note; one note per meaning
     b = dataclasses.replace(data.bundle, notes=[
         "preferences: 'extractive' texts not on this machine; showing extractive summaries"])
     notes = overview.notes_markdown(dataclasses.replace(data, bundle=b))
     assert "not on this machine" not in notes and notes.count("- ") <= 1 + len(
         {n for r in data.bundle.metrics["results"].values() for n in r.get("notes", [])})
+
+
+def test_overview_says_plainly_who_wins_and_explains_its_terms(data):
+    """Bold marks the best value per column only; when the retriever wins, one plain sentence
+    says so; 'release' and 'leak-prone' come with what they mean."""
+    import dataclasses
+
+    from ulmrec.app import overview
+    from ulmrec.data.release import RELEASE_INDEX_NOTE
+
+    def table(ulmrec, retriever):
+        rows = [{"system": name, "view": view, **dict.fromkeys(overview.COLUMNS, value)}
+                for view in ("Rank", "Overall") for name, value in (("ULMRec", ulmrec),
+                                                                    ("retriever (LRURec order)", retriever))]
+        return pd.DataFrame(rows)
+    lost = table(0.30, 0.35)
+    verdict = overview.results_verdict(lost)
+    assert verdict.startswith("On these test users the retriever's own order scores best on every one")
+    assert "does not rank the candidates better" in verdict
+    assert verdict in overview.results_caption({"test_users": 9}, lost)
+    # bold: the retriever's cells (the best per column), and no ULMRec cell
+    ctx = overview.results_styled(lost)._compute().ctx
+    bold = {i for (i, _), css in ctx.items() if ("font-weight", "bold") in css}
+    assert bold == set(lost.index[lost["system"].str.startswith("retriever")])
+    mixed = table(0.35, 0.30)
+    mixed.loc[0, "MRR@5"] = 0.1
+    assert overview.results_verdict(mixed) == "ULMRec scores best on 11 of the 12 metrics."
+    assert overview.results_verdict(table(0.3, 0.3)) == ""            # all tie: nothing to say
+    # the terms a visitor meets, in plain words
+    m = {**data.bundle.manifest, "index_kind": "release"}
+    release = dataclasses.replace(data, bundle=dataclasses.replace(data.bundle, manifest=m))
+    assert "| index kind | release: the paper authors' published user indices" in overview.dataset_markdown(release)
+    results = {k: {**r, "notes": [RELEASE_INDEX_NOTE]} for k, r in data.bundle.metrics["results"].items()}
+    leaky = dataclasses.replace(data.bundle, metrics={**data.bundle.metrics, "results": results})
+    notes = overview.notes_markdown(dataclasses.replace(data, bundle=leaky))
+    assert "the held-out ones included, so it can leak the answer (leak-prone)" in notes
+    assert "it may carry validation/test items" not in notes
+    assert "**Leak-prone**" in overview.GLOSSARY and "published user indices" in overview.GLOSSARY
 
 
 def test_demo_line_says_when_the_served_ranker_is_not_the_evaluated_one(data):
@@ -333,6 +478,7 @@ def test_demo_line_says_when_the_served_ranker_is_not_the_evaluated_one(data):
     assert "int8" not in _demo_line(data) and "bfloat16" not in _demo_line(data)
     line = _demo_line(dataclasses.replace(data, int8=True))
     assert "**int8**" in line and "float32" in line
+    assert "python" not in _demo_line(data) + line and "`" not in line      # no CLI for visitors
     assert "bfloat16" in _demo_line(dataclasses.replace(data, bf16=True))
 
 
@@ -349,9 +495,10 @@ def test_start_user_random_and_filters(data):
         assert logic.random_user(two, current=two[0][1]) == two[1][1]
         assert logic.random_user(two, current=two[0][0]) == two[1][1]       # a label works too
     assert logic.random_user(two[:1], current=two[0][1]) == two[0][1]      # the only one
-    # a filter that leaves out the shown user keeps its label in the box, not a bare id
-    status, count, update, kept = ui.on_filter(data, 1000, None, "any", start)
-    assert kept == [] and update["choices"] == [(logic.user_label(data, start), start)]
+    # a filter that leaves out the shown user: the count and the list say so; the box is not
+    # among the filters' outputs, so it keeps the shown user's label
+    status, count, hits = ui.on_filter(data, 1000, None, "any")
+    assert count == "0 users match" and hits["choices"] == [] and status == ""
 
 
 def test_long_input_is_not_echoed_whole(data):
@@ -449,35 +596,132 @@ def test_batcher_groups_waiting_requests_by_prompt_length():
     assert all(int(out[u]["user"].iloc[0]) == u for u in Fake.length)
 
 
-def test_twenty_concurrent_rank_requests_all_answer(data):
-    """Loopback load test: 20 clients at once through the queue (concurrency 2)."""
-    from gradio_client import Client
-
+@pytest.fixture(scope="module")
+def app_url(data):
+    """The app served on a free loopback port (concurrency 2), for the API tests."""
     from ulmrec.app.cli import serve
     from ulmrec.app.ui import build_demo
     demo = build_demo(data)
     port = free_port()
     serve(demo, "127.0.0.1", port, concurrency=2, block=False)
-    try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        users = [int(u) for u in data.bundle.users["user"].iloc[:20]]
-        jobs = [client.submit(u, False, api_name="/rank") for u in users]
-        results = [j.result(timeout=120) for j in jobs]
-        assert len(results) == 20
-        for u, (status, _plot, table, metrics, _history) in zip(users, results):
-            assert status == ""
-            assert len(table["data"]) == 20
-            probs = [row[table["headers"].index("probability")] for row in table["data"]]
-            assert sum(probs) == pytest.approx(1.0, abs=2e-3)
-        assert max(data.rank_batcher.batches) > 1            # requests shared forward passes
-        # the API: the four actions, no page plumbing (/partial*), errors as plain text
-        api = client.view_api(return_format="dict", print_info=False)
-        assert set(api["named_endpoints"]) == {"/rank", "/ladder", "/decode", "/catalogue"}
-        assert not api["unnamed_endpoints"]
-        status, _ = client.predict("<a_1><c_2>", api_name="/decode")
-        assert status.startswith("⚠️ not an index prefix: '<a_1><c_2>': level b is missing")
-    finally:
-        demo.close()
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def test_twenty_concurrent_rank_requests_all_answer(data, app_url):
+    """Loopback load test: 20 clients at once through the queue (concurrency 2)."""
+    from gradio_client import Client
+    client = Client(app_url, verbose=False)
+    users = [int(u) for u in data.bundle.users["user"].iloc[:20]]
+    jobs = [client.submit(u, False, api_name="/rank") for u in users]
+    results = [j.result(timeout=120) for j in jobs]
+    assert len(results) == 20
+    for u, (status, _plot, table, metrics, _history) in zip(users, results):
+        assert status == ""
+        assert len(table["data"]) == 20
+        probs = [row[table["headers"].index("probability")] for row in table["data"]]
+        assert sum(probs) == pytest.approx(1.0, abs=2e-3)
+    assert max(data.rank_batcher.batches) > 1            # requests shared forward passes
+    # the API: the four actions, no page plumbing (/partial*), errors as plain text
+    api = client.view_api(return_format="dict", print_info=False)
+    assert set(api["named_endpoints"]) == {"/rank", "/ladder", "/decode", "/catalogue"}
+    assert not api["unnamed_endpoints"]
+    status, _ = client.predict("<a_1><c_2>", api_name="/decode")
+    assert status.startswith("⚠️ not an index prefix: '<a_1><c_2>': level b is missing")
+
+
+API = {"/rank": ["user", "no_history"], "/ladder": ["user"], "/decode": ["prefix"],
+       "/catalogue": ["user"]}
+# Gradio's names for unnamed things: value_3, param_0, gr.api's '1st'
+GENERATED = re.compile(r"(value|param|parameter)(_\d+)?|\d+(st|nd|rd|th)")
+
+
+def check_api(api: dict, want: dict) -> None:
+    """Every endpoint named, its parameters named after the function's, a one-line
+    description, every input and output labelled, none with a generated name."""
+    eps = api["named_endpoints"]
+    assert {k: [p["parameter_name"] for p in v["parameters"]] for k, v in eps.items()} == want
+    assert not api["unnamed_endpoints"]
+    for name, ep in eps.items():
+        desc = ep["description"]
+        assert desc and "\n" not in desc and len(desc) < 160, (name, desc)
+        assert "partial" not in desc and "keywords" not in desc, (name, desc)
+        for param in ep["parameters"]:
+            assert param["label"] and not GENERATED.fullmatch(param["parameter_name"]), param
+            assert not GENERATED.fullmatch(param["label"]), param
+        for ret in ep["returns"]:
+            assert ret["label"] and not GENERATED.fullmatch(ret["label"]), (name, ret)
+
+
+def test_api_names_and_describes_every_endpoint(data, app_url):
+    """The API page (gradio_client's view_api, /gradio_api/info): rank, ladder, decode,
+    catalogue, each parameter named and typed, each output labelled; docs/app.md's /rank
+    example runs as written."""
+    import urllib.request
+
+    from gradio import utils
+    from gradio_client import Client
+
+    from ulmrec.app import endpoints
+    client = Client(app_url, verbose=False)
+    api = client.view_api(return_format="dict", print_info=False)
+    check_api(api, API)
+    info = json.loads(urllib.request.urlopen(app_url + "gradio_api/info", timeout=30).read())
+    check_api(info, API)
+    rank = api["named_endpoints"]["/rank"]
+    assert rank["description"] == "Rank one user's 20 candidates with the LLM: chart, table, metrics and history."
+    assert rank["parameters"][0]["python_type"]["type"] == "str"       # not a Literal of every id
+    assert [r["label"] for r in rank["returns"]] == [
+        "status", "LLM probability per candidate", "candidates by LLM rank", "this user's metrics",
+        "history panel"]
+    assert [r["label"] for r in api["named_endpoints"]["/decode"]["returns"]] == ["status", "generated preference"]
+    # each handler is a function of its own with every parameter described (MCP reads them)
+    for make in (endpoints.rank_endpoint, endpoints.ladder_endpoint, endpoints.decode_endpoint,
+                 endpoints.catalogue_endpoint):
+        fn = make(data)
+        desc, params, _ = utils.get_function_description(fn)
+        assert f"/{fn.__name__}" in API and list(params) == API[f"/{fn.__name__}"]
+        assert all(params.values()), params
+    # docs/app.md's example, as written, against this server
+    doc = (Path(__file__).parent.parent / "docs" / "app.md").read_text()
+    snippet = next(b for b in doc.split("```python")[1:] if "/rank" in b).split("```")[0]
+    scope: dict = {}
+    exec(snippet.replace("http://127.0.0.1:7860/", app_url), scope)
+    assert scope["status"] == "" and len(scope["table"]["data"]) == 20
+    assert "user #313" in json.dumps(scope["chart"])
+
+
+def _with_many_users(data, copies: int):
+    """`data` with every user copied `copies` times (new ids and reviewerIDs, the same
+    histories and candidates): a bundle with many more users and nothing else new."""
+    import dataclasses
+
+    from ulmrec.app.logic import prepare
+    b = data.bundle
+    n = int(b.users["user"].max())
+    users = pd.concat([b.users.assign(user=b.users["user"] + k * n,
+                                      reviewerID=b.users["reviewerID"] + (f"X{k}" if k else ""))
+                       for k in range(copies)], ignore_index=True)
+    cands = pd.concat([b.candidates.assign(user=b.candidates["user"] + k * n) for k in range(copies)],
+                      ignore_index=True)
+    return prepare(dataclasses.replace(b, users=users, candidates=cands, _inputs={},
+                                       _model=b._model, _tok=b._tok))
+
+
+def test_page_config_does_not_grow_with_users(data):
+    """The page ships no list of users (the games demo's 15,264 ids made an 827 KB config and
+    every click slow): 20 times the users, the same config size, and no reviewerID in it but
+    the start user's."""
+    from ulmrec.app.ui import build_demo
+
+    def config(d) -> str:
+        return json.dumps(build_demo(d).config, default=lambda o: None)
+    many = _with_many_users(data, 20)
+    assert len(many.users) == 20 * len(data.users)
+    small, big = config(data), config(many)
+    assert len(big) < 200_000 and abs(len(big) - len(small)) < 0.02 * len(small), (len(small), len(big))
+    rids = many.users["reviewerID"].astype(str)
+    assert sum(r in big for r in rids) <= 1
 
 
 def test_batched_ladder_matches_one_decode_per_prefix(data):

@@ -78,6 +78,26 @@ def test_loaded_bundle_scores_like_the_run(trained, name):
     assert sorted(first["fused_rank"]) == list(range(1, 21))
 
 
+def test_outcomes_say_where_the_served_model_put_each_real_item(trained):
+    """outcomes.parquet: per evaluated user, the real item's retriever rank and the rank the
+    bundle's own model gives it now, and whether that moved it up, left it or moved it down."""
+    bundle = load_bundle(trained / "lean")
+    out = bundle.outcomes
+    assert len(out) > 0 and set(out["moved"]) <= {"up", "same", "down"}
+    summary = bundle.manifest["outcomes"]
+    assert summary["users"] == len(out)
+    assert [summary[k] for k in ("up", "same", "down")] == \
+        [int((out["moved"] == k).sum()) for k in ("up", "same", "down")]
+    test = bundle.candidates.query("split == 'test'").set_index("user")
+    users = out.index[:6].tolist()
+    for user, ranked in zip(users, bundle.rank(users, batch_size=3)):
+        target = int(bundle.users.set_index("user").at[user, "target"])
+        assert out.at[user, "retriever_rank"] == list(test.at[user, "candidates"]).index(target) + 1
+        assert out.at[user, "llm_rank"] == int(ranked.loc[ranked["is_target"], "llm_rank"].iloc[0])
+        sign = np.sign(out.at[user, "retriever_rank"] - out.at[user, "llm_rank"])
+        assert out.at[user, "moved"] == {1: "up", 0: "same", -1: "down"}[sign]
+
+
 def test_bundle_files_and_card(trained):
     full, lean = trained / "full", trained / "lean"
     assert (full / "items.parquet").exists() and not (lean / "items.parquet").exists()

@@ -62,3 +62,18 @@ def test_own_history_in_the_browser(browser, served, bundle):  # noqa: F811
 def _wait_visible_text(page, selector: str, text: str) -> None:
     page.wait_for_function("([s, t]) => (document.querySelector(s)?.innerText || '').includes(t)",
                            arg=[selector, text])
+
+
+def test_every_endpoint_is_named_and_described(served):
+    """With /recommend too: each endpoint, parameter and output named, a one-line description
+    (the API page of a bundle that carries its retriever)."""
+    from gradio_client import Client
+
+    from test_app import API, check_api
+    api = Client(served, verbose=False).view_api(return_format="dict", print_info=False)
+    want = {k: v for k, v in API.items() if k != "/catalogue"}     # no LC-Rec part here
+    check_api(api, {**want, "/recommend": ["history", "text", "ladder"]})
+    rec = api["named_endpoints"]["/recommend"]
+    assert [p["label"] for p in rec["parameters"]] == ["history", "text", "ladder"]
+    assert [r["label"] for r in rec["returns"]] == ["recommendation"]
+    assert rec["description"].startswith("Recommend items for a new user from their history")

@@ -36,8 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tokenizers import AddedToken
 
 from .paths import cache_root, is_offline, sha256_file
+
+# transformers (_convert_gguf, base_tokenizer, load_backbone, load_tokenizer) is imported on
+# first use: importing it costs ~2 s, paid only once a model or tokenizer loads
 
 log = logging.getLogger(__name__)
 
@@ -241,12 +245,13 @@ def _base_size(name: str) -> int:
     return len(base_tokenizer(name))
 
 
-def added_tokens(tok, base_size: int) -> list[dict]:
-    """The tokens `tok` has beyond its base's `base_size` entries, in id order, with flags."""
+def added_tokens(tok, base_size: int, upto: int | None = None) -> list[dict]:
+    """The tokens `tok` has beyond its base's `base_size` entries (and below `upto`), in id
+    order, with flags."""
     n = base_size
     decoder = tok.added_tokens_decoder
     out = []
-    for i in range(n, len(tok)):
+    for i in range(n, len(tok) if upto is None else upto):
         t = decoder.get(i)
         if t is None:
             raise ValueError(f"token id {i} is not an added token: the tokenizer is not the "
@@ -255,16 +260,17 @@ def added_tokens(tok, base_size: int) -> list[dict]:
     return out
 
 
-def save_tokenizer(tok, folder: str | Path, base: str | None = None) -> Path:
+def save_tokenizer(tok, folder: str | Path, base: str | None = None, upto: int | None = None) -> Path:
     """Write `tokenizer_ref.json` (the base backbone + the tokens added to it) into `folder`
     instead of a copy of the whole tokenizer. `base` is the backbone name/path/id the
-    tokenizer started from (None: the default packaged backbone)."""
+    tokenizer started from (None: the default packaged backbone). Tokens from id `upto` on
+    are left out (soft item tokens: ulmrec.item_tokens adds them back on loading)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     ref_base = canonical(base) if is_embedded(base) else str(base)
     size = _base_size(ref_base)
     ref = {"format": "ulmrec-tokenizer-ref/1", "base": ref_base, "base_size": size,
-           "pad_token": tok.pad_token, "added_tokens": added_tokens(tok, size)}
+           "pad_token": tok.pad_token, "added_tokens": added_tokens(tok, size, upto)}
     if is_embedded(base):
         ref["hub_id"] = spec(base).hub_id
     (folder / TOKENIZER_REF).write_text(json.dumps(ref, indent=0))
@@ -279,8 +285,6 @@ def has_tokenizer(folder: str | Path) -> bool:
 def tokenizer_from_ref(ref: dict, base_tok):
     """`base_tok` (the base backbone's tokenizer, loaded by the caller) + the recorded tokens;
     ValueError when the ids do not come back as recorded (a different base tokenizer)."""
-    from tokenizers import AddedToken
-
     if len(base_tok) != ref["base_size"]:
         raise ValueError(f"base tokenizer has {len(base_tok)} entries, the artifact was made on "
                          f"one with {ref['base_size']} ({ref['base']})")

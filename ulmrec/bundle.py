@@ -20,8 +20,8 @@ import pandas as pd
 from .backbone import embedded_gguf, is_embedded, require_installed
 # the file format lives in bundle_format (the Hub client needs it, and nothing of the service)
 from .bundle_format import (DATA_FILES, DECODE_DIR, DECODE_FILES, FORMAT, LCREC_DIR,  # noqa: F401
-                            INDEXER_DIR, LCREC_FILES, LCREC_TOKENIZER, MANIFEST, REQUIRED_FILES,
-                            RETRIEVER_DIR, TOKENIZER_FILES,
+                            INDEXER_DIR, LCREC_FILES, LCREC_TOKENIZER, MANIFEST, OUTCOMES,
+                            REQUIRED_FILES, RETRIEVER_DIR, TOKENIZER_FILES,
                             TOKENIZER_REF, BundleError, verify_bundle)
 from .config import from_dict
 from .data import DataError, load_dataset
@@ -35,9 +35,9 @@ from .lcrec.generate import recommend as recommend_items
 from .model import encode, score_examples
 from .paths import REPO_ROOT, is_offline
 from .preferences.extractive import summaries
-from .prompts import LETTERS, shorten
+from .prompts import LETTERS
 from .ranker import RankerConfig, load_preference_series, load_ranker
-from .tasks import TaskConfig, TaskInputs, next_item_example
+from .tasks import TaskConfig, TaskInputs, next_item_example, prompt_titles
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,7 @@ class Bundle:
     metrics: dict
     notes: list[str] = field(default_factory=list)
     lcrec_items: pd.DataFrame | None = None   # item, index, a..d (LC-Rec part only)
+    outcomes: pd.DataFrame | None = None      # user → retriever_rank, llm_rank, moved (evaluated users)
     _model: object = field(default=None, repr=False)
     _lcrec: tuple | None = field(default=None, repr=False)
     _decoder: tuple | None = field(default=None, repr=False)
@@ -236,10 +237,10 @@ class Bundle:
 
     def task_inputs(self, cfg):
         """Prompt inputs from the bundle's tables, built once per title length."""
-        key = (cfg.max_title_words, cfg.index_kind)
+        key = (cfg.max_title_words, cfg.index_kind, cfg.item_tokens)
         if key not in self._inputs:
             users = self.users.set_index("user")
-            titles = {i: shorten(t, cfg.max_title_words) for i, t in self.titles().items()}
+            titles = prompt_titles(self.titles(), cfg.max_title_words, cfg.item_tokens)
             index = users["index"] if cfg.index_kind != "none" else None
             self._inputs[key] = TaskInputs(titles, users["history"].map(list), None, index,
                                            users["preference"], int(self.items["item"].max()))
@@ -425,9 +426,22 @@ def load_bundle(source: str | Path | None = None, check_hashes: bool = True) -> 
     cands["candidates"] = [[asin_to_item[a] for a in c] for c in cands["candidates"]]
     metrics = json.loads((root / "metrics.json").read_text())
     lcrec_items = _lcrec_items(root, manifest, asin_to_item) if manifest.get("lcrec") else None
+    outcomes = _outcomes(root, rid_to_user) if manifest.get("outcomes") else None
     log.info("bundle %s: %s, %d users, %d items%s", root, manifest["dataset"]["name"], len(users),
              len(items), "" if manifest.get("includes_data") else " (data joined from ULMREC_DATA)")
-    return Bundle(root, manifest, config, items, users, cands, metrics, notes, lcrec_items)
+    return Bundle(root, manifest, config, items, users, cands, metrics, notes, lcrec_items,
+                  outcomes)
+
+
+def _outcomes(root: Path, rid_to_user: dict) -> pd.DataFrame:
+    """Per evaluated test user (dense id as index): retriever_rank, llm_rank, moved."""
+    table = pd.read_parquet(root / OUTCOMES)
+    unknown = sorted(set(table["reviewerID"]) - set(rid_to_user))
+    if unknown:
+        raise BundleError(f"{root / OUTCOMES}: {len(unknown)} users not in the dataset "
+                          f"(e.g. {unknown[:3]})")
+    table.index = table.pop("reviewerID").map(rid_to_user).astype(int).rename("user")
+    return table
 
 
 def _lcrec_items(root: Path, manifest: dict, asin_to_item: dict) -> pd.DataFrame:

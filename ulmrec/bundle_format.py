@@ -6,12 +6,15 @@ A bundle is one folder (or a Hub model repo with the same files):
                                 reference, index kind, preference source, sha256 of every file
     adapter_config.json         the LoRA adapter (PEFT), index-token rows included
     adapter_model.safetensors
+    item_tokens.safetensors     (optional) soft item tokens: retriever item embedding + projection
     tokenizer.json, tokenizer_config.json, …   the backbone tokenizer + the 1,024 index tokens,
     or tokenizer_ref.json       or a reference to the backbone's tokenizer + the added tokens
     ulmrec_config.json          the ranker/task configuration the adapter was trained with
     user_index.parquet          reviewerID → index string (+ codes a,b,c,d where it has them)
     candidates.parquet          reviewerID, split, retrieved asins in retriever order, scores
     fusion.json                 (optional) the retriever-prior weight λ fitted on validation users
+    outcomes.parquet            (optional, manifest key "outcomes") per evaluated test user whose
+                                item was retrieved: retriever_rank, llm_rank, moved up/same/down
     metrics.json                the evaluation payload (Rank/Overall per system)
     config.yaml                 the pipeline configuration that made it
     README.md                   Hub model card
@@ -42,6 +45,8 @@ REQUIRED_FILES = (MANIFEST, "adapter_config.json", "adapter_model.safetensors",
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 TOKENIZER_REF = "tokenizer_ref.json"
 DATA_FILES = ("items.parquet", "users.parquet")
+OUTCOMES = "outcomes.parquet"
+MOVES = ("up", "same", "down")      # where the model moved the real item against the retriever
 LCREC_DIR = "lcrec"
 LCREC_FILES = ("adapter_config.json", "adapter_model.safetensors", "lcrec_config.json",
                "item_index.parquet", "metrics.json")
@@ -82,6 +87,8 @@ def verify_bundle(folder: str | Path, check_hashes: bool = True) -> dict:
         if manifest.get(key):       # an optional second adapter: its files, its own tokenizer or none
             own = manifest[key].get("tokenizer", "own") == "own"
             needed += [f"{sub}/{f}" for f in files + (_tokenizer_files(folder / sub) if own else ())]
+    if manifest.get("outcomes"):
+        needed.append(OUTCOMES)
     live = manifest.get("live", {})
     for key, sub, files in (("retriever", RETRIEVER_DIR, RETRIEVER_FILES),
                             ("indexer", INDEXER_DIR, INDEXER_FILES)):

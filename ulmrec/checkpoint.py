@@ -10,6 +10,17 @@ from safetensors.torch import load_file, save_file
 
 from .paths import atomic_dir
 
+# peft (save_checkpoint, load_checkpoint) is imported on first use: importing it costs ~10 s,
+# paid only once training saves or resumes
+
+
+ITEM_TOKENS = "item_tokens.proj."     # the soft item tokens' projection (ulmrec.item_tokens)
+
+
+def _item_tokens_state(model) -> dict:
+    it = getattr(model, "item_tokens", None)
+    return {} if it is None else {ITEM_TOKENS + k: v for k, v in it.proj.state_dict().items()}
+
 
 def read_state(folder: Path) -> dict | None:
     """The loop state of a checkpoint, or None when there is none."""
@@ -24,6 +35,7 @@ def save_checkpoint(folder: Path, model, optim, sched, state: dict) -> None:
         # Without save_embedding_layers=False PEFT copies the whole resized embedding (235 MB
         # for the 135M backbone); the index rows travel as trainable-token deltas anyway.
         sd = get_peft_model_state_dict(model, save_embedding_layers=False)
+        sd.update(_item_tokens_state(model))
         # clone: tied embedding / LM-head token rows share storage, which safetensors refuses
         save_file({k: v.detach().cpu().clone().contiguous() for k, v in sd.items()},
                   tmp / "trainable.safetensors")
@@ -38,7 +50,11 @@ def load_checkpoint(folder: Path, model, optim, sched) -> dict:
     from peft import set_peft_model_state_dict
 
     folder = Path(folder)
-    set_peft_model_state_dict(model, load_file(folder / "trainable.safetensors"))
+    weights = load_file(folder / "trainable.safetensors")
+    extra = {k: weights.pop(k) for k in list(weights) if k.startswith(ITEM_TOKENS)}
+    if extra:
+        model.item_tokens.proj.load_state_dict({k[len(ITEM_TOKENS):]: v for k, v in extra.items()})
+    set_peft_model_state_dict(model, weights)
     optim.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     sched.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     return read_state(folder)

@@ -28,6 +28,9 @@ import torch
 from .model import cache_kw, index_vocabulary
 from .prompts import INSTRUCTIONS, render, sentence_ends
 
+# transformers (_processors, IndexContrast) and sklearn (catalogue_vocab) are imported on first
+# use: they cost ~2 s and ~2.5 s to import, and the post-processing and measurement never need them
+
 # ------------------------------------------------------------------ settings
 
 

@@ -30,6 +30,7 @@ from .metrics import order_habits, rank_and_overall, sample_eval_users, target_r
 from .model import score_orders
 from .paths import REPO_ROOT, atomic_write, prediction_suffix, repo_path, runs_root
 from .ranker import RankerConfig, load_base, load_candidates, load_ranker, load_task_inputs
+from .report import markdown_table
 from .tasks import TaskConfig, eval_examples
 
 log = logging.getLogger("ulmrec.evaluate")
@@ -247,13 +248,11 @@ def run(cfg: EvaluateConfig, command: str = "") -> dict:
 def results_table(payload: dict) -> str:
     cols = ["Recall@5", "NDCG@5", "MRR@5", "Recall@10", "NDCG@10", "MRR@10"]
     short = {"Recall": "R", "NDCG": "N", "MRR": "M"}
-    head = " | ".join(short[c.split("@")[0]] + "@" + c.split("@")[1] for c in cols)
+    head = ["system", "view"] + [short[c.split("@")[0]] + "@" + c.split("@")[1] for c in cols]
+    rows = [[name, view.capitalize()] + [f"{res[view][c]:.4f}" for c in cols]
+            for name, res in payload["results"].items() for view in ("rank", "overall")]
     lines = [f"{payload['dataset']} test, {payload['test_users']} users; `{payload['command']}`", "",
-             f"| system | view | {head} |", "|---|---|" + "---:|" * len(cols)]
-    for name, res in payload["results"].items():
-        for view in ("rank", "overall"):
-            vals = " | ".join(f"{res[view][c]:.4f}" for c in cols)
-            lines.append(f"| {name} | {view.capitalize()} | {vals} |")
+             markdown_table(head, rows, "ll" + "r" * len(cols))]
     # what qualifies a row goes with the table, not only into the JSON
     flagged = [(name, res) for name, res in payload["results"].items()
                if res.get("leak_prone") or res.get("truncated_prompts")]

@@ -28,8 +28,8 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .backbone import embedded_reference, is_embedded, load_tokenizer
 from .bundle import ServeConfig, dataset_tables
-from .bundle_format import (DECODE_DIR, FORMAT, INDEXER_DIR, LCREC_DIR, MANIFEST, RETRIEVER_DIR,
-                            verify_bundle)
+from .bundle_format import (DECODE_DIR, FORMAT, INDEXER_DIR, LCREC_DIR, MANIFEST, MOVES, OUTCOMES,
+                            RETRIEVER_DIR, verify_bundle)
 from .config import from_dict
 from .data import load_dataset
 from .evaluate import results_stem
@@ -38,6 +38,8 @@ from .hubcard import model_card as hub_model_card
 from .hubcard import scrub
 from .indexing.encoder import embed_cached, load_encoder
 from .indexing.table import parse_token_string
+from .item_tokens import FILE as ITEM_TOKENS_FILE
+from .metrics import target_ranks
 from .paths import atomic_dir, repo_path, runs_root, sha256_file
 from .ranker import load_candidates, load_pid_table, load_preference_series
 from .tasks import user_index_strings
@@ -126,6 +128,32 @@ def _candidates(ds, run_cfg) -> pd.DataFrame:
             "candidates": [[asin[int(i)] for i in cs] for cs in c["candidates"]],
             "scores": [list(map(float, s)) for s in c["scores"]]}))
     return pd.concat(frames, ignore_index=True)
+
+
+def _outcomes(ds, src: Path) -> tuple[pd.DataFrame, dict] | None:
+    """Where the evaluated model put each test user's real item against the retriever's
+    order, from train.evaluate's per-user predictions of this run (the users it sampled
+    whose item was retrieved): reviewerID, retriever_rank, llm_rank (1 = first) and moved
+    (up / same / down). The app counts and filters by it, so that one user's screen is seen
+    beside how often the model helps and hurts. None when the run was never evaluated."""
+    path = src.parent / "test_predictions.parquet"
+    if not path.exists():
+        return None
+    pred = pd.read_parquet(path)
+    pos = np.array([list(c).index(t) if t in list(c) else -1
+                    for c, t in zip(pred["candidates"], pred["target"])])
+    keep = pos >= 0
+    pred, pos = pred[keep], pos[keep]
+    llm = target_ranks(np.stack(pred["probs"].to_numpy()), pos).astype(int)
+    retr = pos + 1                       # the candidates are listed in the retriever's order
+    rid = dict(zip(ds.users["user"].astype(int), ds.users["reviewerID"]))
+    table = pd.DataFrame({"reviewerID": [rid[int(u)] for u in pred["user"]],
+                          "retriever_rank": retr, "llm_rank": llm,
+                          "moved": np.select([llm < retr, llm > retr], ["up", "down"], "same")})
+    counts = table["moved"].value_counts()
+    summary = {"users": len(table), **{k: int(counts.get(k, 0)) for k in MOVES},
+               "source": "train.evaluate's sampled test users whose item was retrieved"}
+    return table, summary
 
 
 def _metrics(cfg: ExportConfig, ds_name: str) -> dict:
@@ -299,13 +327,16 @@ def export(cfg: ExportConfig) -> Path:
     out = bundle_dir(cfg, ds.name)
 
     def fill(tmp: Path) -> None:
-        for name in ADAPTER_FILES + TOKENIZER_FILES:
+        for name in ADAPTER_FILES + TOKENIZER_FILES + (ITEM_TOKENS_FILE,):   # soft item tokens: optional
             if (src / name).exists():
                 shutil.copy2(src / name, tmp / name)
         (tmp / "ulmrec_config.json").write_text(json.dumps(run_cfg_dict, indent=1))
         _index_table(ds, run_cfg).to_parquet(tmp / "user_index.parquet", index=False)
         _candidates(ds, run_cfg).to_parquet(tmp / "candidates.parquet", index=False)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
+        outcomes = _outcomes(ds, src)
+        if outcomes is not None:
+            outcomes[0].to_parquet(tmp / OUTCOMES, index=False)
         fusion = src.parent / "fusion.json"     # λ of the retriever prior, fitted on validation users
         if fusion.exists():
             shutil.copy2(fusion, tmp / "fusion.json")
@@ -335,6 +366,8 @@ def export(cfg: ExportConfig) -> Path:
             manifest["lcrec"] = {"items": len(items), "tokenizer": "shared" if shared else "own",
                                  "split": result["split"], "users": result["users"],
                                  "metrics": result["metrics"], "backbone": backbone_reference(lc_cfg)}
+        if outcomes is not None:
+            manifest["outcomes"] = outcomes[1]
         live = _live_parts(ds, run_cfg, tmp)
         if live:
             manifest["live"] = live

@@ -21,6 +21,7 @@ from functools import partial
 from pathlib import Path
 
 import pandas as pd
+from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -28,6 +29,7 @@ from .backbone import save_tokenizer
 from .data import load_dataset
 from .fusion import fit_residual_weight, ranked_scores
 from .metrics import metrics_from_ranks, target_ranks
+from .item_tokens import ItemTokens
 from .model import encode, response_loss, score_examples
 from .paths import atomic_dir, atomic_write_json, display_path, runs_root
 from .ranker import RankerConfig, build_ranker, load_candidates, load_task_inputs
@@ -71,7 +73,7 @@ SAME_FOR_INIT = ("dataset", "backbone", "index_kind", "index_tokens", "lora_r", 
 
 def init_weights(model, folder: Path, cfg: FinetuneConfig) -> None:
     """Load another run's trainable weights (LoRA + index-token rows) into `model` in place."""
-    from peft import set_peft_model_state_dict
+    from peft import set_peft_model_state_dict   # on first use: importing peft costs ~10 s
 
     files = [folder / "adapter_model.safetensors", folder / "trainable.safetensors"]
     weights = next((f for f in files if f.exists()), None)
@@ -92,6 +94,11 @@ def init_weights(model, folder: Path, cfg: FinetuneConfig) -> None:
     unused = getattr(result, "unexpected_keys", [])
     if unused:
         raise InitFromError(f"--init-from {folder}: {len(unused)} saved tensors fit nothing here, e.g. {unused[0]}")
+    # soft item tokens: a hybrid run goes on with its projection; from a text-only adapter
+    # (LLaRA's curriculum: text first, then hybrid) the projection starts fresh
+    saved_tokens = ItemTokens.load(folder)
+    if saved_tokens is not None and getattr(model, "item_tokens", None) is not None:
+        model.item_tokens.proj.load_state_dict(saved_tokens.proj.state_dict())
 
 
 def saved_config(cfg: FinetuneConfig) -> dict:
@@ -148,8 +155,6 @@ def validate(model, tok, examples, cfg) -> dict:
 
 def train(cfg: FinetuneConfig) -> dict:
     """Run (or resume) the fine-tuning; the run summary, the same on every process."""
-    from accelerate.utils import set_seed
-
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     acc = make_accelerator(cfg.grad_accum)
@@ -173,7 +178,13 @@ def train(cfg: FinetuneConfig) -> dict:
     for note in notes:
         log.info("note: %s", note)
 
-    model, tok = build_ranker(cfg, ds, inp)
+    soft = runs_root() / ds.name / "retrieval" / cfg.retriever if cfg.item_tokens else None
+    if soft is not None and not (soft / "model.safetensors").exists():
+        raise FileNotFoundError(f"--item-tokens reads the retriever's item embedding: {soft} has "
+                                f"none (run `python -m train.retrieve --dataset {ds.name} "
+                                f"--model {cfg.retriever}`)")
+    model, tok = build_ranker(cfg, ds, inp, item_tokens_from=soft)
+    item_tokens = getattr(model, "item_tokens", None)
     letter_ids = letter_token_ids(tok, cfg.num_candidates, cfg.prompt_format) if cfg.loss == "letters" else None
     encoded = [encode(tok, ex, cfg.prompt_format, cfg.max_len)
                for ex in tqdm(examples, desc="tokenize", disable=not acc.is_main_process)]
@@ -197,7 +208,11 @@ def train(cfg: FinetuneConfig) -> dict:
             # The index-token rows travel as PEFT trainable-token deltas; without this flag
             # PEFT also copies the whole resized embedding (hundreds of MB for a 135M model).
             model.save_pretrained(tmp, save_embedding_layers=False)
-            save_tokenizer(tok, tmp, cfg.backbone)  # a reference to the base + added tokens
+            # a reference to the base + added tokens; soft item tokens come back from their file
+            save_tokenizer(tok, tmp, cfg.backbone,
+                           upto=item_tokens.first_id if item_tokens is not None else None)
+            if item_tokens is not None:
+                item_tokens.save(tmp)
             (tmp / "ulmrec_config.json").write_text(json.dumps(saved_config(cfg), indent=1, default=str))
         atomic_dir(out / name, write)
 

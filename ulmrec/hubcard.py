@@ -16,8 +16,11 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.repocard_data import EvalResult
 
 from .paths import REPO_ROOT, cache_root, runs_root
+from .report import markdown_table
 
 # Hub ids of well-known bases → their license on the Hub (the card's `license`)
 BASE_LICENSES = {
@@ -148,9 +151,6 @@ def model_card(manifest: dict, metrics: dict, repo_id: str | None, base_id: str 
                standard_tokenizer: bool = True) -> str:
     """Hub model card: YAML metadata (license, pipeline_tag, base_model, library_name peft,
     tags, model-index from the real evaluation) + what it is, its results and how to load it."""
-    from huggingface_hub import ModelCard, ModelCardData
-    from huggingface_hub.repocard_data import EvalResult
-
     ds = manifest["dataset"]["name"]
     run = manifest["run"]
     res = metrics["results"][run]
@@ -166,9 +166,10 @@ def model_card(manifest: dict, metrics: dict, repo_id: str | None, base_id: str 
                          license=BASE_LICENSES.get(base_id or "", "other"), pipeline_tag="text-generation",
                          tags=["recommendation", "sequential-recommendation", "ulmrec", "lora", "peft"],
                          model_name=repo_id or f"ulmrec-{ds}-{run}", eval_results=evals)
-    rows = "\n".join(
-        f"| {name} | {r['rank']['NDCG@10']:.4f} | {r['overall']['NDCG@10']:.4f} | "
-        f"{r['rank']['Recall@10']:.4f} |" for name, r in metrics["results"].items())
+    shown = (("rank", "NDCG@10"), ("overall", "NDCG@10"), ("rank", "Recall@10"))
+    table = markdown_table(["system"] + [f"{view.capitalize()} {metric}" for view, metric in shown],
+                           [[name] + [f"{r[view][metric]:.4f}" for view, metric in shown]
+                            for name, r in metrics["results"].items()], "lrrr")
     command = scrub_text(str(metrics.get("command", "python -m train.evaluate")))
     repo = repo_id or "path/to/bundle"
     if base_id and standard_tokenizer:
@@ -189,9 +190,7 @@ six user-centric alignment tasks (ULMRec). Index kind: `{manifest['index_kind']}
 
 ## Test results ({metrics.get('test_users', '?')} users)
 
-| system | Rank NDCG@10 | Overall NDCG@10 | Rank Recall@10 |
-|---|---:|---:|---:|
-{rows}
+{table}
 
 Made by `{command}` (ULMRec) on `{base}`.
 

@@ -22,6 +22,7 @@ WORD = re.compile(r"[a-z][a-z0-9'+-]{2,}")
 
 
 def _stop_words() -> frozenset[str]:
+    # sklearn is imported on first use: it costs ~2.5 s, for one word list
     from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
     return frozenset(ENGLISH_STOP_WORDS) | {"user", "users", "prefers", "preference", "preferences",
                                             "enjoys", "interest", "interested", "particularly"}

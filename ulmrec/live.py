@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from .indexing.attention import segment_softmax
+from .indexing.encoder import embed, load_encoder
 from .indexing.fit import IndexConfig
 from .indexing.rqvae import RQVAE
 from .indexing.table import level_letter, parse_token_string, token_string
@@ -153,7 +154,6 @@ class Indexer:
 
     def encoder(self):
         if self._encoder is None:
-            from .indexing.encoder import load_encoder     # the sentence model: only when asked
             enc = load_encoder(self.spec["config"].get("encoder") or None,
                                self.spec["config"].get("max_length", 256))
             want = self.spec.get("encoder_fingerprint")
@@ -167,7 +167,6 @@ class Indexer:
     def codes(self, texts: list[str], query: torch.Tensor | None = None) -> list[int]:
         """Codes [L] for one user's texts; `query` an original ID's embedding (default: a new
         user's)."""
-        from .indexing.encoder import embed
         emb = torch.from_numpy(embed(self.encoder(), texts, desc="index"))           # [R, D]
         q = self.A @ (self.query if query is None else query)                        # [D]
         alpha = segment_softmax(emb @ q, torch.zeros(len(emb), dtype=torch.long), 1)

@@ -14,6 +14,9 @@ from .prompts import LETTERS, adds_special_tokens, candidates_block, render
 from .tasks import Example
 from .verbalizer import letter_token_ids, response_ids, verbalize
 
+# peft (wrap_lora) and transformers (prompt_cache) are imported on first use: importing them
+# costs ~10 s and ~2 s, and the modules that import this one for encode/collate never need them
+
 log = logging.getLogger(__name__)
 
 IGNORE = -100

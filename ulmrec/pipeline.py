@@ -33,7 +33,7 @@ import yaml
 from .config import ConfigError, check_choices, from_dict
 from .data import DataError  # bad input, named on its line: logged without a traceback
 from .data import DataConfig
-from .data.dataset import resolve_source
+from .data.dataset import fingerprint, resolve_source
 from .paths import atomic_write, runs_root
 
 log = logging.getLogger("ulmrec.pipeline")
@@ -170,8 +170,6 @@ def own_run_name(sections: dict, stage: str, *others: str) -> None:
 
 def data_fingerprint(sections: dict, dataset: str) -> tuple[str, str]:
     """(runs/ folder name, fingerprint of the input files and processing settings)."""
-    from ulmrec.data import DataConfig, DataError
-    from ulmrec.data.dataset import fingerprint, resolve_source
     known = {f.name for f in dataclasses.fields(DataConfig)}
     values = sections.get("data") or {"dataset": dataset}
     cfg = DataConfig(**{k: v for k, v in values.items() if k in known})

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
 from .backbone import load_tokenizer, resolve_backbone
 from .data import DataConfig
 from .data.release import RELEASE_INDEX_NOTE
 from .index_init import code_words, init_index_rows
+from .item_tokens import ItemTokens
 from .model import add_index_tokens, index_vocabulary, wrap_lora
 from .paths import is_offline, runs_root
 from .preferences import load_preferences, release_coverage, release_preferences
@@ -97,7 +97,7 @@ def load_task_inputs(ds, cfg) -> tuple[TaskInputs, list[str]]:
     notes += pref_notes
     if cfg.index_kind == "release":           # built from all reviews: may carry held-out data
         notes.append(RELEASE_INDEX_NOTE)
-    inp = task_inputs(ds, index, prefs, cfg.max_title_words)
+    inp = task_inputs(ds, index, prefs, cfg.max_title_words, getattr(cfg, 'item_tokens', False))
     if getattr(cfg, "train_candidates", "random") in ("retriever", "retriever-only"):
         if cfg.retriever == "random":
             raise ValueError(f"train_candidates '{cfg.train_candidates}' needs a retriever run, "
@@ -182,9 +182,10 @@ def load_base(cfg: RankerConfig, for_training: bool = True):
     return model, tok
 
 
-def build_ranker(cfg: RankerConfig, ds=None, inputs=None):
+def build_ranker(cfg: RankerConfig, ds=None, inputs=None, item_tokens_from: Path | None = None):
     """A fresh trainable ranker: backbone + index tokens + LoRA (`inputs`, the TaskInputs,
-    give index_init='words' its users' codes and preference texts)."""
+    give index_init='words' its users' codes and preference texts) + soft item tokens from
+    the retriever run `item_tokens_from`, when given."""
     model, tok = load_base(cfg)
     new_ids = add_index_tokens(model, tok, index_vocabulary()) if cfg.index_tokens else None
     if new_ids and cfg.index_init == "words":
@@ -194,29 +195,41 @@ def build_ranker(cfg: RankerConfig, ds=None, inputs=None):
         n = init_index_rows(model, tok, code_words(inputs.index[users], inputs.preference))
         log.info("index tokens: %d of %d rows start at their users' distinctive words", n, len(new_ids))
     model = wrap_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, new_ids)
+    if item_tokens_from is not None:
+        hidden = model.get_input_embeddings().weight.shape[1]
+        ItemTokens.from_retriever(item_tokens_from, hidden, len(tok)).attach(model, tok)
+        log.info("soft item tokens: %d items from %s", model.item_tokens.num_items, item_tokens_from)
     return model, tok
 
 
-def quantize_int8(model, skip: tuple[str, ...] = ("down_proj",)):
+def quantize_int8(model, skip: tuple[str, ...] = ()):
     """CPU serving, in place: the LoRA folded into the base weights, then the linear layers
-    of the decoder stack in dynamic int8 (int8 weights per output channel, activations
-    quantized per call: fbgemm's AVX2 kernels), except those whose name ends with one of
-    `skip`. The output head stays fp32, so the 20 letter logits keep full precision.
+    of the decoder stack stored in int8 (torchao's weight-only int8, one scale per output
+    row; activations stay fp32), except those whose name ends with one of `skip`. The
+    output head stays fp32, so the 20 letter logits keep full precision.
 
-    Why down_proj is skipped by default: its input (the MLP's gated activations) has the
-    outliers one activation scale per call cannot hold; on 40 games users quantizing it too
-    was 3.0x faster than fp32 but cost 0.07 NDCG@10 (bench/quantize.py), keeping it fp32 1.9x
-    with the same top-1 letter. Inference only: a merged model no longer trains."""
+    Why weight-only and not torchao's dynamic int8 (int8 activations too): on this CPU path
+    that one runs a reference int8 matmul, 26x slower than fp32 on one SmolLM2 MLP layer
+    (docs/app.md); the fbgemm kernels that made dynamic int8 fast live in
+    torch.ao.quantization, deprecated. Weight-only int8 keeps fp32 speed, takes a quarter
+    of the linear weights' memory and, with fp32 activations, has no outlier problem (so no
+    layer needs skipping). Inference only: a merged model no longer trains."""
+    # torchao is imported here: only --int8 serving needs it, and it is heavy to import
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
     if next(model.parameters()).is_cuda:
-        raise ValueError("int8 dynamic quantization is a CPU serving option")
+        raise ValueError("int8 weight-only quantization is a CPU serving option")
     if hasattr(model, "merge_adapter") and not any(getattr(m, "merged", False) for m in model.modules()):
         model.merge_adapter()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    # a PeftModel's linear layers sit at <name>.base_layer beside unused lora_A / lora_B
-    spec = {name: per_channel_dynamic_qconfig for name, m in base.model.named_modules()
-            if isinstance(m, torch.nn.Linear) and "lora_" not in name
-            and not name.removesuffix(".base_layer").endswith(tuple(skip))}
-    quantize_dynamic(base.model, spec, dtype=torch.qint8, inplace=True)
+
+    def wanted(module, name: str) -> bool:
+        # a PeftModel's linear layers sit at <name>.base_layer beside unused lora_A / lora_B;
+        # a layer already quantized has a torchao tensor subclass as weight, not a Parameter
+        return (isinstance(module, torch.nn.Linear) and "lora_" not in name
+                and type(module.weight) is torch.nn.Parameter
+                and not name.removesuffix(".base_layer").endswith(tuple(skip)))
+    quantize_(base.model, Int8WeightOnlyConfig(set_inductor_config=False), filter_fn=wanted)
     return model.eval()
 
 
@@ -232,6 +245,9 @@ def load_ranker(adapter_dir: Path, cfg: RankerConfig, tokenizer_dir: Path | None
     if len(tok) != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tok), mean_resizing=False)
     model = PeftModel.from_pretrained(model, adapter_dir)
+    item_tokens = ItemTokens.load(adapter_dir)
+    if item_tokens is not None:
+        item_tokens.attach(model, tok)
     return model.eval(), tok
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from .item_tokens import item_token
 from .prompts import (INSTRUCTIONS, LETTERS, TASKS, candidates_block, history_line,
                       sentence_ends, shorten)
 
@@ -50,6 +51,9 @@ class TaskConfig:
                 "learns from the titles, not the list's positions; test lists keep their order"})
     no_history: bool = field(default=False, metadata={
         "help": "ULMRec-uid: next-item prompts show the index and candidates only"})
+    item_tokens: bool = field(default=False, metadata={
+        "help": "follow each item title with one soft token: the retriever's item embedding "
+                "through a learned projection (ulmrec.item_tokens; LLaRA-style hybrid prompt)"})
     index_prefix_examples: float = field(default=0.0, metadata={
         "help": "extra index_to_pref examples per user on a shorter prefix of the index (<a>, "
                 "<a><b>, …) answered with the user's preference, so that a prefix decodes to what "
@@ -110,9 +114,18 @@ def user_index_strings(ds, kind: str, pid_table: pd.DataFrame | None = None) -> 
     raise ValueError(f"unknown index kind '{kind}' ({', '.join(INDEX_KINDS)})")
 
 
+def prompt_titles(titles: dict[int, str], max_title_words: int, item_tokens: bool = False
+                  ) -> dict[int, str]:
+    """Each item as the prompts name it: its title cut to `max_title_words`, followed by its
+    soft item token when the model has them (the same text in training and serving)."""
+    return {int(i): shorten(t, max_title_words) + (f" {item_token(i)}" if item_tokens else "")
+            for i, t in titles.items()}
+
+
 def task_inputs(ds, index: pd.Series | None, preference: pd.Series | None,
-                max_title_words: int = 16) -> TaskInputs:
-    titles = {int(i): shorten(t, max_title_words) for i, t in zip(ds.items["item"], ds.items["title"])}
+                max_title_words: int = 16, item_tokens: bool = False) -> TaskInputs:
+    titles = prompt_titles(dict(zip(ds.items["item"], ds.items["title"])), max_title_words,
+                           item_tokens)
     tr = ds.interactions[ds.interactions["split"] == "train"].sort_values(["user", "position"])
     train = tr.groupby("user")["item"].agg(list)
     ratings = None

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, read_state, save_checkpoint
@@ -72,9 +74,6 @@ def mixed_precision() -> str:
 def make_accelerator(grad_accum: int = 1):
     """The Accelerator `fit` runs under; create it first where the caller needs to know its
     process (e.g. to show progress bars on the main process only)."""
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
     # the others wait at the broadcast while process 0 validates: allow a long validation
     return Accelerator(gradient_accumulation_steps=grad_accum, mixed_precision=mixed_precision(),
                        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))])
@@ -101,9 +100,7 @@ def fit(model, encoded: list[dict], args: TrainingArguments, out: Path, *,
     one calls save(model, "best"). save(model, "last") once training ends. init(model): a
     warm start, applied only when there is no checkpoint to resume. ckpt_every: checkpoint
     between validations too (0: at validations only; without `evaluate`, at the end only)."""
-    from accelerate.utils import broadcast_object_list
-    from transformers import get_scheduler
-
+    from transformers import get_scheduler   # on first use: ~7 s to import, and --help never needs it
 
     out = Path(out)
     acc = accelerator or make_accelerator(args.grad_accum)

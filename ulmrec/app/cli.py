@@ -31,9 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="CPU: run the model in bfloat16 (~40%% faster; probabilities differ "
                    "slightly from the evaluated fp32 model)")
     p.add_argument("--int8", action="store_true",
-                   help="CPU: the ranker's linear layers in dynamic int8 (~2x faster on games; "
-                   "letter probabilities move by ~0.01, NDCG@10 by -0.013 [-0.031, +0.006]: "
-                   "bench/quantize.py)")
+                   help="CPU: the ranker's linear layers stored in int8 (torchao weight-only: "
+                   "a quarter of their memory; speed and agreement with fp32 in "
+                   "bench/quantize.py and docs/app.md)")
     p.add_argument("--mcp", action="store_true",
                    help="also serve the endpoints as MCP tools (Gradio's MCP server, "
                         "/gradio_api/mcp/; needs gradio[mcp])")

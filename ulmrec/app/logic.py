@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from ..bundle_format import MOVES
 from ..indexing.table import level_letter, parse_token_string, token_string
 from ..live import shared_counts
 from ..profile import ProfileIndex
@@ -24,6 +25,7 @@ MAX_LEVELS, CODEBOOK_SIZE = 4, 256
 LADDER_TOKENS = 48     # new tokens per rung at most; decoding stops after two sentences
 NEIGHBOURS = 5
 RETRIEVED = ("any", "yes", "no")
+SEARCH_HITS = 50       # users a search shows at most
 
 
 ECHO = 40              # characters of a visitor's input quoted back in a message
@@ -53,7 +55,7 @@ class AppData:
     codes: np.ndarray                   # [users, levels] aligned with `users`
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     bf16: bool = False                  # CPU only, opt-in: ~40% faster, scores move slightly
-    int8: bool = False                  # CPU only, opt-in: dynamic int8 (ulmrec.ranker.quantize_int8)
+    int8: bool = False                  # CPU only, opt-in: int8 weights (ulmrec.ranker.quantize_int8)
     rank_batcher: object = field(default=None, repr=False)   # ranking.RankBatcher, made on first use
 
 
@@ -101,19 +103,78 @@ def user_label(data: AppData, user: int) -> str:
     return f"{data.users.at[user, 'reviewerID']} · #{user}"
 
 
-def user_choices(data: AppData, min_len: float | None = None, max_len: float | None = None,
-                 retrieved: str = "any") -> list[tuple[str, int]]:
-    """(label, dense id) for users with test candidates passing the filters."""
+def filtered_users(data: AppData, min_len: float | None = None, max_len: float | None = None,
+                   retrieved: str = "any") -> pd.Index:
+    """Dense ids of the users with test candidates passing the filters."""
     t = data.users[data.users["has_candidates"]]
     if min_len is not None:
         t = t[t["history_len"] >= min_len]
     if max_len is not None:
         t = t[t["history_len"] <= max_len]
+    if retrieved in MOVES:                 # where the LLM put the real item (evaluated users)
+        out = data.bundle.outcomes
+        if out is None:
+            raise AppError("this bundle records no evaluated outcomes: filter by 'any', 'yes' or 'no'")
+        return t.index[t.index.isin(out.index[out["moved"] == retrieved])]
     if retrieved not in RETRIEVED:
-        raise AppError(f"target retrieved: {retrieved!r}, expected one of {', '.join(RETRIEVED)}")
+        raise AppError(f"target retrieved: {retrieved!r}, expected one of "
+                       f"{', '.join(RETRIEVED + MOVES)}")
     if retrieved != "any":
         t = t[t["retrieved"] == (retrieved == "yes")]
-    return [(user_label(data, int(u)), int(u)) for u in t.index]
+    return t.index
+
+
+MOVE_LABELS = {"up": "the LLM moved it up", "same": "the LLM left it in place",
+               "down": "the LLM moved it down"}
+
+
+def retrieved_choices(data: AppData) -> list[tuple[str, str]]:
+    """The 'next item' filter's choices: among the candidates or not, and, where the bundle
+    records its evaluation, where the LLM put it against the retriever's order."""
+    choices = [(v, v) for v in RETRIEVED]
+    if data.bundle.outcomes is not None:
+        choices += [(MOVE_LABELS[m], m) for m in MOVES]
+    return choices
+
+
+def outcome_counts(data: AppData) -> str:
+    """One line on how often the served model helps and hurts, beside the one user shown."""
+    out = data.bundle.outcomes
+    if out is None:
+        return ""
+    n = out["moved"].value_counts()
+    return (f"Over the {len(out):,} evaluated test users whose real next item was among the 20 "
+            f"candidates, the LLM moved it **up** for {n.get('up', 0):,}, left it **in place** for "
+            f"{n.get('same', 0):,} and moved it **down** for {n.get('down', 0):,} against the "
+            "retriever's order (browse each group: Filters → next item).")
+
+
+def user_labels(data: AppData, ids) -> list[str]:
+    """user_label for many ids in one lookup (filters and searches label thousands)."""
+    rid = data.users.loc[list(ids), "reviewerID"].astype(str)
+    return [f"{r} · #{int(u)}" for u, r in zip(rid.index, rid)]
+
+
+def user_choices(data: AppData, min_len: float | None = None, max_len: float | None = None,
+                 retrieved: str = "any") -> list[tuple[str, int]]:
+    """(label, dense id) for users with test candidates passing the filters."""
+    ids = filtered_users(data, min_len, max_len, retrieved)
+    return list(zip(user_labels(data, ids), (int(u) for u in ids)))
+
+
+def search_users(data: AppData, query: str, min_len: float | None = None,
+                 max_len: float | None = None, retrieved: str = "any",
+                 n: int = SEARCH_HITS) -> tuple[int, list[int]]:
+    """(how many match, the first `n` of them) among the filtered users whose reviewerID holds
+    `query`, case-insensitive; those it starts with first. The page ships no user list: the
+    games demo has 15,264 users, and a list of them made every click on the page slow."""
+    ids = filtered_users(data, min_len, max_len, retrieved)
+    rid = data.users.loc[ids, "reviewerID"].astype(str).str.casefold()
+    q = (query or "").strip().casefold()
+    hit = rid[rid.str.contains(q, regex=False)]
+    first = hit.str.startswith(q)
+    order = list(hit.index[first.to_numpy()]) + list(hit.index[~first.to_numpy()])
+    return len(hit), [int(u) for u in order[:n]]
 
 
 START_RULE = ("the user with the longest history whose next item is among the retriever's "
@@ -131,20 +192,33 @@ def start_user(data: AppData) -> int | None:
     return int(hit.index[hit["history_len"] == longest].min())
 
 
+USER_HINT = "type a reviewerID, '#id' or the dense id, then Enter"
+NO_MATCH = "no user matches these filters: widen the history range or set 'target retrieved' to any"
+
+
 def random_user(choices: list[tuple[str, int]], rng: random.Random | None = None,
                 current=None) -> int:
     """A user from `choices`, never the one shown now (`current`) when there is another."""
     if not choices:
-        raise AppError("no user matches these filters: widen the history range or set "
-                       "'target retrieved' to any")
+        raise AppError(NO_MATCH)
     others = [c for c in choices if str(c[1]) != str(current) and c[0] != current]
     return (rng or random).choice(others or choices)[1]
+
+
+def draw_user(data: AppData, min_len: float | None = None, max_len: float | None = None,
+              retrieved: str = "any", current=None, rng: random.Random | None = None) -> int:
+    """A random user passing the filters, drawn here on the server (random_user's rules)."""
+    ids = [int(u) for u in filtered_users(data, min_len, max_len, retrieved)]
+    if not ids:
+        raise AppError(NO_MATCH)
+    others = [u for u in ids if u != current] or ids
+    return (rng or random).choice(others)
 
 
 def resolve_user(data: AppData, value) -> int:
     """A dense id (int or digits, '#17'), a reviewerID, or a dropdown label → dense id."""
     if value is None or (isinstance(value, str) and not value.strip()):
-        raise AppError("pick a user first")
+        raise AppError(f"no user given: {USER_HINT}")
     if isinstance(value, str) and " · #" in value:          # a label typed or pasted as is
         value = value.rsplit(" · #", 1)[1]
     if isinstance(value, str):
@@ -247,12 +321,20 @@ def nearest_users(data: AppData, user: int, k: int = NEIGHBOURS) -> pd.DataFrame
 LEVEL_TOKEN = re.compile(r"<([a-z])_(\d+)>")
 
 
-def _level_order_problem(text: str) -> str | None:
+def _too_deep(levels: int, n: int) -> str:
+    return (f"this index has {levels} levels (<a_…> to <{level_letter(levels - 1)}_…>); "
+            f"this prefix has {n}")
+
+
+def _level_order_problem(text: str, levels: int = MAX_LEVELS) -> str | None:
     """What is wrong with the order of the level tokens in `text` ('<a_1><c_2>': level b is
-    missing), or None when they run a, b, c, … from the start."""
+    missing), or None when they run a, b, c, … from the start. Past the index's last level
+    the message says how many levels it has: asking for a level e it lacks misleads."""
     tokens = [(m.group(1), m.group(0)) for m in LEVEL_TOKEN.finditer(text)]
     for k, (got, token) in enumerate(tokens):
-        want = level_letter(k) if k < 26 else None
+        if k >= levels:
+            return _too_deep(levels, len(tokens))
+        want = level_letter(k)
         if got == want:
             continue
         if k == 0:
@@ -265,21 +347,22 @@ def _level_order_problem(text: str) -> str | None:
     return None
 
 
-def check_prefix(text: str) -> str:
-    """A well-formed index prefix in canonical form ('<a_1> <b_2>' → '<a_1><b_2>')."""
+def check_prefix(text: str, levels: int = MAX_LEVELS) -> str:
+    """A well-formed prefix of a `levels`-level index, in canonical form ('<a_1> <b_2>' →
+    '<a_1><b_2>')."""
     text = (text or "").strip()
     try:
         codes = parse_token_string(text)
     except ValueError:
-        why = _level_order_problem(text)
+        why = _level_order_problem(text, levels)
         raise AppError(f"not an index prefix: {echo(text)}: " + (why or (
             "write level tokens in order starting at <a_…>, e.g. <a_12> or <a_12><b_3>"))
         ) from None
     canon = token_string(codes)
     if canon != text.replace(" ", ""):
         raise AppError(f"not an index prefix: {echo(text)} holds text besides the level tokens")
-    if len(codes) > MAX_LEVELS:
-        raise AppError(f"{echo(text)}: an index has at most {MAX_LEVELS} levels (<a_…> to <d_…>)")
+    if len(codes) > levels:
+        raise AppError(f"not an index prefix: {echo(text)}: {_too_deep(levels, len(codes))}")
     bad = [c for c in codes if c >= CODEBOOK_SIZE]
     if bad:
         raise AppError(f"{echo(text)}: code {bad[0]} is outside the codebook (0..{CODEBOOK_SIZE - 1})")
@@ -288,7 +371,7 @@ def check_prefix(text: str) -> str:
 
 def decode_prefix(data: AppData, text: str, max_new_tokens: int = LADDER_TOKENS) -> str:
     """The generated preference of any prefix: plain text, whole sentences (ulmrec.decode)."""
-    prefix = check_prefix(text)
+    prefix = check_prefix(text, len(data.levels) or MAX_LEVELS)
     if data.bundle.manifest.get("index_kind") not in ("pid", "release"):
         raise AppError("this bundle was trained without index tokens (index kind "
                        f"'{data.bundle.manifest.get('index_kind')}'): nothing to decode")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import inspect
 
 import gradio as gr
 import pandas as pd
@@ -151,7 +152,7 @@ def build_tab(data: AppData) -> dict:
                 summary=summary, shared=shared, cands=cands, ladder=ladder)
 
 
-def wire(data: AppData, c: dict, status, warn) -> None:
+def wire(demo: gr.Blocks, data: AppData, c: dict, status, warn) -> None:
     """The tab's events and the /recommend endpoint (after every tab is built: an event or
     endpoint declared between two tabs would split the row of tabs)."""
     hidden = {"api_visibility": "private"}
@@ -162,4 +163,9 @@ def wire(data: AppData, c: dict, status, warn) -> None:
     add.click(add_item, [history, hits], history, **hidden)
     go.click(lambda h, t: on_recommend(data, h, t, warn), [history, text],
              [status, summary, shared, cands, ladder], concurrency_id="model", **hidden)
-    gr.api(api(data), api_name="recommend", concurrency_id="model")
+    recommend = api(data)
+    dep = gr.api(recommend, api_name="recommend", concurrency_id="model")
+    # gr.api labels its inputs and output '1st', '2nd', …: the API page should say what they are
+    for block, name in zip(dep["inputs"], inspect.signature(recommend).parameters):
+        demo.blocks[block].label = name
+    demo.blocks[dep["outputs"][0]].label = "recommendation"

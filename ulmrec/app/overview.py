@@ -34,8 +34,20 @@ next). A model's list puts it at some *rank* (1 = first).
 - **Letters**: the 20 candidates are labelled A–T in the prompt; the LLM's probability of
   answering each letter is that candidate's score.
 - **User index**: four codes `<a_…><b_…><c_…><d_…>` learned from a user's reviews; users
-  with similar tastes share the first codes.
+  with similar tastes share the first codes. *Index kind* says where they come from:
+  **pid**, learned by this project from training reviews only; **release**, the paper
+  authors' published user indices.
+- **Leak-prone**: an input built from all of a user's reviews, the held-out ones included
+  (the reviews of the very items the models must find), so it can leak the answer. The
+  authors' published indices were built from preference text extracted that way.
 """
+
+INDEX_KINDS = {
+    "pid": "codes this project learned from the users' training reviews only",
+    "release": "the paper authors' published user indices (leak-prone: see the glossary)",
+    "nid": "the user's numeric id, no codes",
+    "oid": "the user's reviewerID, no codes",
+}
 
 
 def dataset_markdown(data: AppData) -> str:
@@ -50,11 +62,19 @@ def dataset_markdown(data: AppData) -> str:
             ("sparsity", sparsity),
             ("users with retrieved target", retrieved),
             ("backbone", m.get("backbone", {}).get("id", "—")),
-            ("index kind", m.get("index_kind", "—")), ("retriever", m.get("retriever", "—")),
+            ("index kind", index_kind_text(m.get("index_kind"))),
+            ("retriever", m.get("retriever", "—")),
             ("preferences", m.get("preference_source", "—")),
             ("data", "carried in the bundle" if m.get("includes_data") else "joined from ULMREC_DATA")]
     lines = [f"| {k} | {v if v is not None else '—'} |" for k, v in rows]
     return "| statistic | value |\n|---|---|\n" + "\n".join(lines)
+
+
+def index_kind_text(kind) -> str:
+    """'release' alone tells a visitor nothing: the kind with what it means."""
+    if kind is None:
+        return "—"
+    return f"{kind}: {INDEX_KINDS[kind]}" if kind in INDEX_KINDS else str(kind)
 
 
 def system_label(name: str, bundle_run: str | None = None) -> str:
@@ -96,6 +116,9 @@ def results_table(metrics: dict, bundle_run: str | None = None) -> pd.DataFrame:
     return table.sort_values("view", kind="stable", key=lambda v: v != "Rank").reset_index(drop=True)
 
 
+BEST = "font-weight: bold; background-color: #d9f2d9"
+
+
 def results_styled(table: pd.DataFrame):
     """The results table with each column's best value in bold, per view (Rank rows are
     compared with Rank rows only)."""
@@ -106,7 +129,7 @@ def results_styled(table: pd.DataFrame):
             if part.nunique() < 2:
                 continue
             for i in part.index[part == part.max()]:
-                out[table.index.get_loc(i)] = "font-weight: bold; background-color: #d9f2d9"
+                out[table.index.get_loc(i)] = BEST
         return out
     return table.style.apply(best, subset=COLUMNS).format(precision=4, subset=COLUMNS)
 
@@ -121,13 +144,57 @@ def _no_machine_path(command: str) -> str:
     return re.sub(r"(?<![\w.])/[^\s'\"]+", rel, command)
 
 
-def results_caption(metrics: dict) -> str:
+def _best_cells(table: pd.DataFrame) -> dict[str, int]:
+    """Per system, how many (view, column) cells hold the best value, and the number of
+    cells compared under the key '' (a column where every row ties is not compared)."""
+    wins = {"": 0}
+    for view in table["view"].unique():
+        part = table[table["view"] == view]
+        for col in COLUMNS:
+            if part[col].nunique() < 2:
+                continue
+            wins[""] += 1
+            for system in part.loc[part[col] == part[col].max(), "system"]:
+                wins[system] = wins.get(system, 0) + 1
+    return wins
+
+
+def results_verdict(table: pd.DataFrame) -> str:
+    """Who scores best, in one plain sentence: the bold cells alone leave a visitor to find
+    out that the retriever's own order beats the LLM, under a title that promises the LLM."""
+    wins = _best_cells(table)
+    total = wins.pop("")
+    if not total:
+        return ""
+    top = max(wins, key=lambda k: (wins[k], not k.startswith("retriever")))
+    of = "every one of the metrics" if wins[top] == total else f"{wins[top]} of the {total} metrics"
+    if top.startswith("retriever"):
+        return (f"On these test users the retriever's own order scores best on {of}: here the "
+                "LLM does not rank the candidates better than the retriever that proposed them.")
+    return f"{top} scores best on {of}."
+
+
+def results_caption(metrics: dict, table: pd.DataFrame | None = None) -> str:
     n = metrics.get("test_users")
-    cmd = metrics.get("command")
+    verdict = results_verdict(table) if table is not None else ""
     return (f"How to read it: one row per system and view, on {n if n is not None else 'the'} "
-            "sampled test users; higher is better, the best value per view is in bold. "
-            "**Rank**: users whose next item was among the retriever's 20; **Overall**: all users, "
-            "a missed item scoring 0." + (f" Made by `{_no_machine_path(cmd)}`." if cmd else ""))
+            "sampled test users; higher is better, the best value per column and view is in "
+            "bold. **Rank**: users whose next item was among the retriever's 20; **Overall**: "
+            "all users, a missed item scoring 0." + (f" {verdict}" if verdict else ""))
+
+
+def reproduce_markdown(data: AppData) -> str:
+    """The commands behind the page, for whoever wants to rerun it (run from the repository
+    root), kept out of the visitor's way in a collapsed accordion."""
+    cmd = data.bundle.metrics.get("command")
+    lines = []
+    if cmd:
+        lines.append(f"- the evaluation table: `{_no_machine_path(cmd)}`")
+    lines += ["- serve a demo: `python app.py --bundle <folder or Hub repo>`, or `make demo "
+              "DEMO=games` / `make demo DEMO=gift-cards`",
+              "- serve the float32 ranker the table evaluates: `python app.py` without `--int8` "
+              "or `--bf16`"]
+    return "\n".join(lines)
 
 
 def codebook_usage(data: AppData) -> pd.DataFrame:
@@ -169,9 +236,14 @@ def _same_source(note: str) -> bool:
     return bool(m) and m.group(1) == m.group(2)
 
 
+LEAK = re.compile(r"\s*\(leak-prone: [^)]*\)")
+LEAK_PLAIN = ", the held-out ones included, so it can leak the answer (leak-prone)"
+
+
 def _plain(note: str, shown: bool = True) -> str:
     said = (r"the preference texts shown come from the '\1' preferences stage" if shown else
             r"the LLM's prompts held the '\1' preference texts")
+    note = LEAK.sub(LEAK_PLAIN, note)
     return re.sub(r"^preferences: '(\w+)' preferences stage output$", said, note)
 
 

@@ -5,7 +5,6 @@ are waiting when the model becomes free to `bundle.rank` as one batch (a lone re
 once, alone, so its latency is unchanged)."""
 from __future__ import annotations
 
-import textwrap
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
@@ -19,6 +18,8 @@ from .logic import AppData, AppError, warm
 
 BAR, TARGET = "#4c78a8", "#e4572e"
 KS = (5, 10)
+METRIC_COLUMNS = ["system", "target rank"] + [f"{name}@{k}" for k in KS
+                                               for name in ("MRR", "NDCG", "Recall")]
 # On CPU a 400-token prompt already keeps the cores busy at batch 1: a batch of 20 costs
 # ~1.4x less than 20 single passes, not 20x less, so batches stay small and the first
 # answers of a burst come back early; the queue lets this many requests wait for a batch.
@@ -142,18 +143,18 @@ def short(title: str, n: int = 30) -> str:
     return title if len(title) <= n else title[: n - 1].rstrip() + "…"
 
 
-def wrap_title(title: str, width: int = 34, lines: int = 2) -> str:
-    """A title on at most `lines` lines of `width` characters (plotly '<br>'), cut with '…'
-    only past that; the full title is in the bar's hover text."""
-    parts = textwrap.wrap(str(title), width) or [""]
-    if len(parts) > lines:
-        parts = parts[: lines - 1] + [short(" ".join(parts[lines - 1:]), width)]
-    return "<br>".join(parts)
+# A tick label is the letter and the title's start, on one line: on a 390 px phone the labels
+# and the bars share ~350 px, and two lines of 34 characters left the bars no room and were
+# cut; the full title is in the bar's hover text.
+TICK_CHARS = 18
 
 
 def tick_labels(frame: pd.DataFrame) -> list[str]:
-    """'A · title' per candidate (wrapped on two lines): the letter the LLM answers with, first."""
-    return [f"{letter} · {wrap_title(t)}" for letter, t in zip(frame["letter"], frame["title"])]
+    """'A · title…' per candidate: the letter the LLM answers with, first. Padded to one
+    width with no-break spaces (SVG collapses plain ones), so that the right-aligned monospace
+    labels start in one column: the letters line up."""
+    return [f"{letter} · {short(str(t), TICK_CHARS)}".ljust(TICK_CHARS + 4, "\u00a0")
+            for letter, t in zip(frame["letter"], frame["title"])]
 
 
 def prob_chart(frame: pd.DataFrame, title: str = "") -> go.Figure:
@@ -171,12 +172,16 @@ def prob_chart(frame: pd.DataFrame, title: str = "") -> go.Figure:
             customdata=frame.loc[part, ["llm_rank", "retriever_rank", "letter", "title"]].to_numpy(),
             hovertemplate="%{customdata[2]} · %{customdata[3]}<br>p = %{x:.4f}<br>LLM rank "
                           "%{customdata[0]}, retriever rank %{customdata[1]}<extra></extra>"))
-    # the legend sits above the plot, right of the title: below it, it ran into the axis title
+    # title on the first line, legend on the second, left-aligned: side by side they ran into
+    # each other on a phone, and below the plot the legend ran into the axis title. Few x
+    # ticks, in percent: the default ones collided at 390 px.
     fig.update_layout(
-        title={"text": title, "x": 0, "xanchor": "left", "y": 0.995, "yanchor": "top"},
-        height=720, margin={"l": 10, "r": 10, "t": 64, "b": 40},
-        xaxis_title="probability the LLM gives the letter", bargap=0.25,
-        legend={"orientation": "h", "x": 1, "xanchor": "right", "y": 1.0, "yanchor": "bottom"},
+        title={"text": title, "x": 0, "xanchor": "left", "y": 0.995, "yanchor": "top",
+               "font": {"size": 14}, "pad": {"l": 6}},
+        height=720, margin={"l": 8, "r": 12, "t": 72, "b": 48}, bargap=0.25,
+        legend={"orientation": "h", "x": 0, "xanchor": "left", "y": 1.0, "yanchor": "bottom"},
+        xaxis={"title": {"text": "LLM probability"}, "tickformat": "~%", "nticks": 4,
+               "automargin": True},
         yaxis={"categoryorder": "array", "categoryarray": labels, "autorange": "reversed",
                "tickfont": {"family": "monospace", "size": 11}, "automargin": True})
     return fig
@@ -209,7 +214,7 @@ def user_metrics(frame: pd.DataFrame, no_history: bool = False) -> pd.DataFrame:
         rows.append({"system": system, "target rank": "—" if np.isinf(ranks[0]) else int(ranks[0]),
                      **{f"{name}@{k}": round(m[f"{name}@{k}"], 4)
                         for k in KS for name in ("MRR", "NDCG", "Recall")}})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=METRIC_COLUMNS)
 
 
 def mark_best(table: pd.DataFrame, columns: list[str], lower: tuple[str, ...] = ()):

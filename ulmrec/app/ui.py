@@ -1,18 +1,19 @@
-"""The Gradio page: layout and the event handlers that glue it to ulmrec.app.logic.
+"""The Gradio page: its layout, and the events that wire it to ulmrec.app.handlers.
 
-Handlers take `data` first (bound with functools.partial) and return one value per output.
-A visitor's mistake (AppError) becomes a warning toast plus a status line, the other
-outputs left as they were (gr.skip()), so the page and the server keep going.
+The page's own plumbing (looking a user up, filters, Random, page load) is private; the
+actions are the named API endpoints of ulmrec.app.endpoints.
 """
 from __future__ import annotations
 
-import html
 from functools import partial
 
 import gradio as gr
 
-from . import catalogue, logic, newuser, overview, ranking
-from .logic import AppData, AppError
+from . import catalogue, endpoints, logic, newuser, overview, ranking
+from .handlers import (  # noqa: F401  (the handlers, importable from here as before)
+    USER_OUTPUTS, _warn, history_panel, on_catalogue, on_decode, on_filter, on_ladder,
+    on_random, on_rank, on_user, rank_if_loaded)
+from .logic import AppData
 
 CSS = """
 .ulm-chips {display:flex; gap:.5rem; flex-wrap:wrap; margin:.25rem 0}
@@ -23,6 +24,7 @@ CSS = """
 .ulm-l3 {background:#e45756}
 .ulm-caption, .ulm-caption p {font-size:.85rem; opacity:.8; margin:0}
 #status {display:none}
+/* a header reads in full: the column widths (ui.widths) leave each one room on one line */
 .ulm-table th .header-content span {white-space: nowrap; word-break: keep-all}
 /* phones: tables keep readable columns and scroll sideways instead of one letter per line */
 @media (max-width: 700px) {
@@ -80,271 +82,252 @@ def caption(key: str):
     return gr.Markdown(CAPTIONS[key], elem_classes=["ulm-caption"], elem_id=f"cap-{key}")
 
 
-def _warn(message: str, n_outputs: int):
-    """A warning toast on the page and the message as the (hidden) status output, which API
-    clients read as plain text; every other output unchanged. The toast renders HTML, so its
-    copy is escaped: the message may quote what the visitor typed, e.g. '<b_1>'."""
-    gr.Warning(html.escape(message, quote=False))
-    return (f"⚠️ {message}",) + tuple(gr.skip() for _ in range(n_outputs - 1))
+# Tables show every row (no inner scroll box: the 20th candidate, the last rung) and every
+# header in full: short columns take their natural width, text columns a fixed one, so a
+# header is never squeezed under its text; narrower screens scroll the table sideways.
+FULL_HEIGHT = 4000
 
 
-def _dropdown_choices(data: AppData, choices, current):
-    """The filtered choices plus the user shown now, so the box keeps its label ('A1B2 · #7')
-    instead of a bare id when that user falls outside the filters."""
-    try:
-        user = logic.resolve_user(data, current)
-    except AppError:
-        return choices
-    if any(u == user for _, u in choices):
-        return choices
-    return [(logic.user_label(data, user), user)] + list(choices)
+def widths(columns: list[str], wide: dict[str, str]) -> list[str]:
+    """column_widths for `columns`: the `wide` ones fixed, the others sized to their content."""
+    return [wide.get(c, "auto") for c in columns]
 
 
-def on_filter(data: AppData, min_len, max_len, retrieved, current=None):
-    """New dropdown choices (the current user stays shown: Random draws from the new ones)."""
-    try:
-        choices = logic.user_choices(data, min_len, max_len, retrieved)
-    except AppError as e:
-        return _warn(str(e), 4)
-    return ("", f"{len(choices)} users match",
-            gr.update(choices=_dropdown_choices(data, choices, current)), choices)
-
-
-def on_random(data: AppData, choices, current=None):
-    try:
-        return "", logic.random_user(choices, current=current)
-    except AppError as e:
-        return _warn(str(e), 2)
-
-
-USER_OUTPUTS = 7
-
-
-def on_user(data: AppData, value):
-    """Summary, index chips, prefix counts, nearest users, history, preference, decode box."""
-    if value is None or value == "":
-        return ("",) + tuple(gr.skip() for _ in range(USER_OUTPUTS - 1))
-    try:
-        user = logic.resolve_user(data, value)
-        chips = logic.index_chips(data, user)
-        if data.levels:
-            prefixes, near = logic.prefix_table(data, user), logic.nearest_users(data, user)
-            first = prefixes["prefix"].iloc[0]
-        else:
-            prefixes = near = None
-            first = ""
-        return ("", logic.user_summary(data, user) + "\n\n" + chips, prefixes, near,
-                logic.history_markdown(data, user), logic.user_preference(data, user), first)
-    except AppError as e:
-        return _warn(str(e), USER_OUTPUTS)
-
-
-def history_panel(data: AppData, user: int, no_history: bool) -> str:
-    if not no_history:
-        return logic.history_markdown(data, user)
-    n = int(data.users.at[user, "history_len"])
-    return ("**History not used.** In this mode the LLM ranks from the user index alone (the "
-            f"paper's ULMRec-uid): the user's {n} past items are left out of its prompt.")
-
-
-def on_rank(data: AppData, value, no_history):
-    """Chart, rank table, this user's metrics (best marked), the history panel."""
-    try:
-        user = logic.resolve_user(data, value)
-        _, fig, table, metrics = ranking.rank_view(data, user, bool(no_history))
-        return ("", fig, table, ranking.metrics_styled(metrics),
-                history_panel(data, user, bool(no_history)))
-    except AppError as e:
-        return _warn(str(e), 5)
-
-
-def on_ladder(data: AppData, value):
-    try:
-        user = logic.resolve_user(data, value)
-        return "", logic.ladder(data, user)
-    except AppError as e:
-        return _warn(str(e), 2)
-
-
-def on_decode(data: AppData, text):
-    try:
-        return "", logic.decode_prefix(data, text)
-    except AppError as e:
-        return _warn(str(e), 2)
-
-
-def on_catalogue(data: AppData, value):
-    """LC-Rec's whole-catalogue top-10: summary, table."""
-    try:
-        user = logic.resolve_user(data, value)
-        return ("",) + catalogue.catalogue_view(data, user)
-    except AppError as e:
-        return _warn(str(e), 3)
+def rank_columns(data: AppData) -> list[str]:
+    fused = ["LLM + prior rank"] if data.bundle.fusion is not None else []
+    return ["LLM rank", "retriever rank", *fused, "letter", "title", "probability", "target"]
 
 
 def _demo_line(data: AppData) -> str:
-    m = data.bundle.manifest
-    ds = m.get("dataset", {})
+    ds = data.bundle.manifest.get("dataset", {})
     return (f"Demo: **{ds.get('name', '?')}** ({ds.get('users', '?')} users, {ds.get('items', '?')} "
-            "items). Serve another one with `python app.py --bundle <folder or Hub repo>` "
-            "(`make demo DEMO=games` / `DEMO=gift-cards`)." + _precision_note(data))
+            "items)." + _precision_note(data))
 
 
 def _precision_note(data: AppData) -> str:
     """Say when the served model is not the one the Overview's numbers evaluate."""
     if data.int8:
-        return (" The ranker is served in **int8** for speed; the Overview's numbers are the "
-                "float32 model's, which `python app.py` without `--int8` serves.")
+        return (" The ranker is served with **int8** weights (a quarter of the memory); the "
+                "Overview's numbers are the float32 model's, which the app serves when started "
+                "without int8.")
     if data.bf16:
         return " The ranker is served in **bfloat16** (the Overview's numbers are float32's)."
     return ""
 
 
+def _user_picker(data: AppData, start, lo: int, hi: int) -> dict:
+    """The user box (any reviewerID, '#id' or id; Enter), the list of matching users, Random
+    and the filters. No list of every user goes to the page: the server searches."""
+    label = logic.user_label(data, start) if start is not None else ""
+    user = gr.Textbox(label, label="user (reviewerID, #id or id; Enter to load)", max_lines=1,
+                      info="part of a reviewerID searches: the matches fill the list below",
+                      elem_id="user")
+    hits = gr.Dropdown([], value=None, label="matching users", interactive=True,
+                       elem_id="user-hits")
+    gr.Markdown(f"Opened on {logic.START_RULE}. " + logic.outcome_counts(data),
+                elem_classes=["ulm-caption"], elem_id="start-rule")
+    random_btn = gr.Button("Random user", elem_id="random")
+    with gr.Accordion("Filters", open=False):
+        min_len = gr.Slider(lo, hi, lo, step=1, label="history length ≥")
+        max_len = gr.Slider(lo, hi, hi, step=1, label="history length ≤")
+        retrieved = gr.Radio(logic.retrieved_choices(data), value="any",
+                             label="next item among the 20 candidates", elem_id="retrieved")
+        count = gr.Markdown(elem_id="user-count")
+    return dict(user=user, hits=hits, random_btn=random_btn, filters=[min_len, max_len, retrieved],
+                count=count)
+
+
+def _ranking_section(data: AppData) -> dict:
+    with gr.Accordion("Ranking: the LLM orders the 20 candidates", open=True):
+        with gr.Row():
+            rank_btn = gr.Button("Rank the 20 candidates", variant="primary",
+                                 elem_id="rank-btn", scale=2)
+            no_hist = gr.Checkbox(label="rank from the user index alone, no history "
+                                  "(ULMRec-uid)", elem_id="no-history", scale=1)
+        with gr.Row():
+            with gr.Column(scale=1, min_width=260):
+                caption("history")
+                history = gr.Markdown(label="history panel", show_label=False, elem_id="history")
+            with gr.Column(scale=2, min_width=320):
+                caption("chart")
+                chart = gr.Plot(label="LLM probability per candidate", elem_id="chart",
+                                show_label=False)
+        caption("metrics")
+        metrics = gr.Dataframe(label="this user's metrics", elem_id="metrics",
+                               elem_classes=["ulm-table"],
+                               column_widths=widths(ranking.METRIC_COLUMNS, {"system": "240px"}))
+        with gr.Accordion("What the numbers mean", open=False, elem_id="glossary"):
+            gr.Markdown(overview.GLOSSARY)
+        caption("table")
+        table = gr.Dataframe(label="candidates by LLM rank", wrap=True, elem_id="table",
+                             elem_classes=["ulm-table"], max_height=FULL_HEIGHT,
+                             column_widths=widths(rank_columns(data), {"title": "420px"}))
+    return dict(rank_btn=rank_btn, no_hist=no_hist, history=history, chart=chart,
+                metrics=metrics, table=table)
+
+
+LADDER_COLUMNS = ["level", "prefix", "users sharing it", "generated preference",
+                  "what these users share (data)"]
+
+
+def _index_section() -> dict:
+    with gr.Accordion("The user index: who shares this user's codes", open=True):
+        caption("prefixes")
+        prefixes = gr.Dataframe(headers=LADDER_COLUMNS[:3], label="users sharing each prefix",
+                                elem_id="prefixes", elem_classes=["ulm-table"],
+                                max_height=FULL_HEIGHT)
+        caption("near")
+        near_cols = ["user", "index", "shared levels", "extracted preference"]
+        near = gr.Dataframe(headers=near_cols, label="nearest users by shared prefix", wrap=True,
+                            elem_id="near", elem_classes=["ulm-table"], max_height=FULL_HEIGHT,
+                            column_widths=widths(near_cols, {"user": "220px", "index": "200px",
+                                                             "extracted preference": "520px"}))
+    return dict(prefixes=prefixes, near=near)
+
+
+def _decode_section() -> dict:
+    with gr.Accordion("Decode the index level by level (paper §5.4.4)", open=True):
+        pref = gr.Textbox(label="this user's extracted preference", lines=2,
+                          interactive=False, elem_id="pref")
+        ladder_btn = gr.Button("Decode <a>, <a><b>, … the full index", elem_id="ladder-btn")
+        caption("ladder")
+        ladder = gr.Dataframe(headers=LADDER_COLUMNS,
+                              label="generated preference per prefix, beside what the "
+                              "users sharing it have in common in the data", wrap=True,
+                              elem_id="ladder", elem_classes=["ulm-table"], max_height=FULL_HEIGHT,
+                              column_widths=widths(LADDER_COLUMNS, {
+                                  "prefix": "190px", "generated preference": "320px",
+                                  "what these users share (data)": "320px"}))
+        caption("decoded")
+        with gr.Row():
+            prefix_box = gr.Textbox(label="any index prefix", placeholder="<a_12><b_3>",
+                                    elem_id="prefix-box", scale=2, max_lines=2)
+            decode_btn = gr.Button("Decode", elem_id="decode-btn", scale=0)
+        decoded = gr.Textbox(label="generated preference", lines=2, interactive=False,
+                             elem_id="decoded")
+    return dict(pref=pref, ladder_btn=ladder_btn, ladder=ladder, prefix_box=prefix_box,
+                decode_btn=decode_btn, decoded=decoded)
+
+
+def _catalogue_tab() -> dict:
+    with gr.Tab("Whole catalogue (LC-Rec)", elem_id="catalogue-tab"):
+        gr.Markdown(
+            "No retriever here: a second model, LC-Rec (Zheng et al., 2024), gives every "
+            "item a code like the users' (`<a_*><b_*><c_*><d_*>`) and writes the codes of "
+            "the items it recommends for the user picked on the first tab. Its search "
+            "only follows codes of real items the user has not had, so every answer is "
+            "a real, new item.")
+        cat_btn = gr.Button(f"Recommend {catalogue.TOPN} items from the whole catalogue",
+                            variant="primary", elem_id="catalogue-btn")
+        cat_summary = gr.Markdown(label="summary", show_label=False, elem_id="catalogue-summary")
+        caption("catalogue")
+        cat_table = gr.Dataframe(headers=catalogue.COLUMNS, label="generated items, best first",
+                                 wrap=True, elem_id="catalogue-table", visible=False,
+                                 elem_classes=["ulm-table"], max_height=FULL_HEIGHT)
+    return dict(cat_btn=cat_btn, cat_summary=cat_summary, cat_table=cat_table)
+
+
+def _overview_tab(data: AppData) -> None:
+    with gr.Tab("Overview"):
+        table = overview.results_table(data.bundle.metrics, data.bundle.manifest.get("run"))
+        with gr.Row():
+            with gr.Column(scale=1, min_width=260):
+                caption("dataset")
+                gr.Markdown(overview.dataset_markdown(data), elem_id="dataset")
+            with gr.Column(scale=2, min_width=320):
+                gr.Markdown(overview.results_caption(data.bundle.metrics, table),
+                            elem_classes=["ulm-caption"], elem_id="cap-results")
+                gr.Dataframe(overview.results_styled(table), label="evaluation on test users",
+                             elem_id="results", elem_classes=["ulm-table"],
+                             max_height=FULL_HEIGHT)
+        gr.Markdown(overview.GLOSSARY, elem_id="overview-glossary")
+        caption("codebook")
+        gr.Plot(overview.codebook_chart(data), label="codebook usage")
+        caption("usage")
+        gr.Dataframe(overview.codebook_usage(data), label="codebook usage per level",
+                     elem_classes=["ulm-table"])
+        gr.Markdown("### Notes\n" + overview.notes_markdown(data), elem_id="notes")
+        with gr.Accordion("How to reproduce", open=False, elem_id="reproduce"):
+            gr.Markdown(overview.reproduce_markdown(data))
+
+
 def build_demo(data: AppData) -> gr.Blocks:
     m = data.bundle.manifest
     hist = data.users["history_len"]
-    lo, hi = int(hist.min()), int(hist.max())
-    choices = logic.user_choices(data)
     start = logic.start_user(data)
     backbone = str(m.get("backbone", {}).get("id", "?")).rsplit("/", 1)[-1]
     retriever = {"lrurec": "LRURec", "sasrec": "SASRec"}.get(m.get("retriever"), m.get("retriever", "?"))
-    hidden = {"api_visibility": "private"}           # page plumbing, not an API
     with gr.Blocks(title=f"ULMRec · {m['dataset']['name']}") as demo:
-        gr.Markdown(f"# ULMRec: an LLM recommender that knows its users\n"
+        gr.Markdown("# ULMRec: an LLM recommender that knows its users\n"
                     + INTRO.format(retriever=retriever, backbone=backbone), elem_id="intro")
         gr.Markdown(_demo_line(data), elem_classes=["ulm-caption"])
-        status = gr.Textbox(elem_id="status", show_label=False, container=False)
-        state_choices = gr.State(choices)
+        c = dict(status=gr.Textbox(label="status", elem_id="status", show_label=False,
+                                   container=False),
+                 shown=gr.State(start), loaded=gr.State(False))
         with gr.Tab("Explore a user"):
             with gr.Row():
                 with gr.Column(scale=1, min_width=260):
-                    user = gr.Dropdown(choices, value=start,
-                                       label="User (reviewerID · #id), type to search",
-                                       filterable=True, allow_custom_value=True, elem_id="user")
-                    gr.Markdown(f"Opened on {logic.START_RULE}.", elem_classes=["ulm-caption"],
-                                elem_id="start-rule")
-                    random_btn = gr.Button("Random user", elem_id="random")
-                    with gr.Accordion("Filters", open=False):
-                        min_len = gr.Slider(lo, hi, lo, step=1, label="history length ≥")
-                        max_len = gr.Slider(lo, hi, hi, step=1, label="history length ≤")
-                        retrieved = gr.Radio(list(logic.RETRIEVED), value="any",
-                                             label="next item among the 20 candidates")
-                        count = gr.Markdown(f"{len(choices)} users match")
+                    c |= _user_picker(data, start, int(hist.min()), int(hist.max()))
                 with gr.Column(scale=3):
-                    summary = gr.Markdown(elem_id="summary")
-            with gr.Accordion("Ranking: the LLM orders the 20 candidates", open=True):
-                with gr.Row():
-                    rank_btn = gr.Button("Rank the 20 candidates", variant="primary",
-                                         elem_id="rank-btn", scale=2)
-                    no_hist = gr.Checkbox(label="rank from the user index alone, no history "
-                                          "(ULMRec-uid)", elem_id="no-history", scale=1)
-                with gr.Row():
-                    with gr.Column(scale=1, min_width=260):
-                        caption("history")
-                        history = gr.Markdown(elem_id="history")
-                    with gr.Column(scale=2, min_width=320):
-                        caption("chart")
-                        chart = gr.Plot(label="LLM probability per candidate", elem_id="chart",
-                                        show_label=False)
-                caption("metrics")
-                metrics = gr.Dataframe(label="this user's metrics", elem_id="metrics",
-                                       elem_classes=["ulm-table"])
-                with gr.Accordion("What the numbers mean", open=False, elem_id="glossary"):
-                    gr.Markdown(overview.GLOSSARY)
-                caption("table")
-                table = gr.Dataframe(label="candidates by LLM rank", wrap=True, elem_id="table",
-                                     elem_classes=["ulm-table"])
-            with gr.Accordion("The user index: who shares this user's codes", open=True):
-                caption("prefixes")
-                prefixes = gr.Dataframe(headers=["level", "prefix", "users sharing it"],
-                                        label="users sharing each prefix", elem_id="prefixes",
-                                        elem_classes=["ulm-table"])
-                caption("near")
-                near = gr.Dataframe(headers=["user", "index", "shared levels", "extracted preference"],
-                                    label="nearest users by shared prefix", wrap=True,
-                                    elem_id="near", elem_classes=["ulm-table"],
-                                    column_widths=["200px", "190px", "80px", "480px"])
-            with gr.Accordion("Decode the index level by level (paper §5.4.4)", open=True):
-                pref = gr.Textbox(label="this user's extracted preference", lines=2,
-                                  interactive=False, elem_id="pref")
-                ladder_btn = gr.Button("Decode <a>, <a><b>, … the full index", elem_id="ladder-btn")
-                caption("ladder")
-                ladder = gr.Dataframe(headers=["level", "prefix", "users sharing it",
-                                               "generated preference",
-                                               "what these users share (data)"],
-                                      label="generated preference per prefix, beside what the "
-                                      "users sharing it have in common in the data", wrap=True,
-                                      elem_id="ladder", elem_classes=["ulm-table"],
-                                      column_widths=["6%", "16%", "8%", "35%", "35%"])
-                caption("decoded")
-                with gr.Row():
-                    prefix_box = gr.Textbox(label="any index prefix", placeholder="<a_12><b_3>",
-                                            elem_id="prefix-box", scale=2, max_lines=2)
-                    decode_btn = gr.Button("Decode", elem_id="decode-btn", scale=0)
-                decoded = gr.Textbox(label="generated preference", lines=2, interactive=False,
-                                     elem_id="decoded")
+                    c["summary"] = gr.Markdown(elem_id="summary")
+            c |= _ranking_section(data)
+            c |= _index_section()
+            c |= _decode_section()
         own = newuser.build_tab(data) if data.bundle.has_retriever else None
         if data.bundle.has_lcrec:
-            with gr.Tab("Whole catalogue (LC-Rec)", elem_id="catalogue-tab"):
-                gr.Markdown(
-                    "No retriever here: a second model, LC-Rec (Zheng et al., 2024), gives every "
-                    "item a code like the users' (`<a_*><b_*><c_*><d_*>`) and writes the codes of "
-                    "the items it recommends for the user picked on the first tab. Its search "
-                    "only follows codes of real items the user has not had, so every answer is "
-                    "a real, new item.")
-                cat_btn = gr.Button(f"Recommend {catalogue.TOPN} items from the whole catalogue",
-                                    variant="primary", elem_id="catalogue-btn")
-                cat_summary = gr.Markdown(elem_id="catalogue-summary")
-                caption("catalogue")
-                cat_table = gr.Dataframe(headers=catalogue.COLUMNS, label="generated items, best first",
-                                         wrap=True, elem_id="catalogue-table", visible=False,
-                                         elem_classes=["ulm-table"])
-        with gr.Tab("Overview"):
-            with gr.Row():
-                with gr.Column(scale=1, min_width=260):
-                    caption("dataset")
-                    gr.Markdown(overview.dataset_markdown(data), elem_id="dataset")
-                with gr.Column(scale=2, min_width=320):
-                    gr.Markdown(overview.results_caption(data.bundle.metrics),
-                                elem_classes=["ulm-caption"], elem_id="cap-results")
-                    gr.Dataframe(overview.results_styled(overview.results_table(
-                        data.bundle.metrics, m.get("run"))), label="evaluation on test users",
-                        elem_id="results", elem_classes=["ulm-table"])
-            gr.Markdown(overview.GLOSSARY, elem_id="overview-glossary")
-            caption("codebook")
-            gr.Plot(overview.codebook_chart(data), label="codebook usage")
-            caption("usage")
-            gr.Dataframe(overview.codebook_usage(data), label="codebook usage per level",
-                         elem_classes=["ulm-table"])
-            gr.Markdown("### Notes\n" + overview.notes_markdown(data), elem_id="notes")
-
-        filters = [min_len, max_len, retrieved]
-        for f in filters:
-            f.change(partial(on_filter, data), filters + [user], [status, count, user, state_choices],
-                     **hidden)
-        random_btn.click(partial(on_random, data), [state_choices, user], [status, user], **hidden)
-        # the decode and catalogue handlers share one slot ("model"): one generate at a time.
-        # Ranking requests have their own group, wide enough that requests arriving together
-        # reach ranking.RankBatcher together and share one forward pass.
-        model = {"concurrency_id": "model"}
-        rank_group = {"concurrency_id": "rank", "concurrency_limit": ranking.RANK_SLOTS}
-        rank_in, rank_out = [user, no_hist], [status, chart, table, metrics, history]
-        user_out = [status, summary, prefixes, near, history, pref, prefix_box]
-        user.change(partial(on_user, data), user, user_out, **hidden) \
-            .then(partial(on_rank, data), rank_in, rank_out, **rank_group, **hidden)
-        rank_btn.click(partial(on_rank, data), rank_in, rank_out, api_name="rank", **rank_group)
-        no_hist.change(partial(on_rank, data), rank_in, rank_out, **rank_group, **hidden)
-        ladder_btn.click(partial(on_ladder, data), user, [status, ladder], api_name="ladder", **model)
-        decode_btn.click(partial(on_decode, data), prefix_box, [status, decoded], api_name="decode",
-                         **model)
-        prefix_box.submit(partial(on_decode, data), prefix_box, [status, decoded], **model, **hidden)
-        if data.bundle.has_lcrec:
-            # the table appears with its first answer (empty, it would show a '1 2 3' header)
-            cat_btn.click(partial(on_catalogue, data), user, [status, cat_summary, cat_table],
-                          api_name="catalogue", **model) \
-                .success(lambda: gr.update(visible=True), None, cat_table, **hidden)
+            c |= _catalogue_tab()
+        _overview_tab(data)
+        _wire(demo, data, c, start)
         if own is not None:
-            newuser.wire(data, own, status, _warn)
-        demo.load(partial(on_user, data), user, user_out, **hidden) \
-            .then(partial(on_rank, data), rank_in, rank_out, **rank_group, **hidden)
+            newuser.wire(demo, data, own, c["status"], _warn)
     return demo
+
+
+def _wire(demo: gr.Blocks, data: AppData, c: dict, start) -> None:
+    """The events (after every tab is built: an event declared between two tabs would split
+    the row of tabs)."""
+    hidden = {"api_visibility": "private"}           # page plumbing, not an API
+    # the decode and catalogue handlers share one slot ("model"): one generate at a time.
+    # Ranking requests have their own group, wide enough that requests arriving together
+    # reach ranking.RankBatcher together and share one forward pass.
+    model = {"concurrency_id": "model"}
+    rank_group = {"concurrency_id": "rank", "concurrency_limit": ranking.RANK_SLOTS}
+    status, user, shown, filters = c["status"], c["user"], c["shown"], c["filters"]
+    user_out = [status, c["summary"], c["prefixes"], c["near"], c["history"], c["pref"],
+                c["prefix_box"], user, shown, c["loaded"], c["hits"]]
+    rank_out = [status, c["chart"], c["table"], c["metrics"], c["history"]]
+    look = [user, shown, *filters]
+
+    def lookup(trigger, fn=on_user, inputs=look):
+        """`trigger` loads the user it names, then ranks it if it is new. A mistake warns
+        once: the next step finds the shown user's label back in the box."""
+        return trigger(partial(fn, data), inputs, user_out, **hidden).then(
+            partial(rank_if_loaded, data), [shown, c["no_hist"], c["loaded"]], rank_out,
+            **rank_group, **hidden)
+
+    lookup(user.submit)
+    lookup(c["hits"].select, inputs=[c["hits"], shown, *filters])
+    lookup(c["random_btn"].click, on_random, [*filters, shown])
+    for f in filters:
+        f.change(partial(on_filter, data), filters, [status, c["count"], c["hits"]], **hidden)
+    # a button acts on what the box says: what was typed without Enter is looked up first
+    c["rank_btn"].click(partial(on_user, data), look, user_out, **hidden).then(
+        endpoints.rank_endpoint(data), [user, c["no_hist"]], rank_out, api_name="rank",
+        **rank_group)
+    c["no_hist"].change(partial(on_rank, data), [shown, c["no_hist"]], rank_out, **rank_group,
+                        **hidden)
+    lookup(c["ladder_btn"].click).then(endpoints.ladder_endpoint(data), user,
+                                       [status, c["ladder"]], api_name="ladder", **model)
+    decode = endpoints.decode_endpoint(data)
+    decoded = [status, c["decoded"]]
+    c["decode_btn"].click(decode, c["prefix_box"], decoded, api_name="decode", **model)
+    c["prefix_box"].submit(decode, c["prefix_box"], decoded, **model, **hidden)
+    if "cat_btn" in c:
+        # the table appears with its first answer (empty, it would show a '1 2 3' header)
+        lookup(c["cat_btn"].click).then(
+            endpoints.catalogue_endpoint(data), user,
+            [status, c["cat_summary"], c["cat_table"]], api_name="catalogue", **model) \
+            .success(lambda: gr.update(visible=True), None, c["cat_table"], **hidden)
+    demo.load(partial(on_filter, data), filters, [status, c["count"], c["hits"]], **hidden)
+    if start is not None:
+        lookup(demo.load, inputs=[user])

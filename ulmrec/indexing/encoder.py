@@ -75,6 +75,7 @@ def _model_fingerprint(name: str) -> str:
 
 
 def load_encoder(name: str | None = None, max_length: int = 256, batch_size: int = 64) -> Encoder:
+    # transformers is imported on first use: it costs ~2 s, and cached embeddings never need it
     from transformers import AutoModel, AutoTokenizer
     path = resolve_model(name)
     log.info("loading sentence encoder from %s", path)

@@ -76,7 +76,7 @@ class ResidualQuantizer(nn.Module):
     @torch.no_grad()
     def kmeans_init(self, z: torch.Tensor, iters: int = 50, seed: int = 0) -> None:
         """Codebook i := k-means centres of the level-i residuals of z [N, e]."""
-        from sklearn.cluster import KMeans
+        from sklearn.cluster import KMeans   # on first use: ~3 s to import, and only k-means init needs it
         r = z.detach().double().numpy()
         k = self.codebooks.shape[1]
         rng = np.random.default_rng(seed)

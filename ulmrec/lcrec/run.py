@@ -31,6 +31,7 @@ from ..model import add_index_tokens, encode, index_vocabulary, response_loss, w
 from ..paths import atomic_dir, atomic_write, atomic_write_json, runs_root
 from ..preferences.run import load_preferences
 from ..ranker import RankerConfig, load_base, load_candidates, load_preference_series, load_ranker
+from ..report import markdown_table
 from ..tasks import task_counts
 from ..trainer import TrainingArguments, fit
 from .generate import generate_topn
@@ -344,14 +345,10 @@ def describe(index_summary: dict | None, result: dict | None) -> str:
     if result:
         m = result["metrics"]
         lines.append(f"{result['split']} ({result['users']} users, full ranking over the catalogue):")
-        lines.append("| HR@1 | HR@5 | NDCG@5 | HR@10 | NDCG@10 |")
-        lines.append("|---:|---:|---:|---:|---:|")
         keys = ("HR@1", "HR@5", "NDCG@5", "HR@10", "NDCG@10")
-        lines[-2] = "| system | " + lines[-2][2:]
-        lines[-1] = "|---" + lines[-1]
         rows = {"LC-Rec": m, **{k: v for k, v in result.get("reference", {}).items() if k != "notes"}}
-        for name, row in rows.items():
-            lines.append(f"| {name} | " + " | ".join(f"{row[k]:.4f}" for k in keys) + " |")
+        cells = [[name] + [f"{row[k]:.4f}" for k in keys] for name, row in rows.items()]
+        lines.append(markdown_table(["system", *keys], cells, "l" + "r" * len(keys)))
         lines += result.get("reference", {}).get("notes", [])
         lines.append(f"all generated items valid: {result['all_generated_items_valid']}; "
                      f"{result['s_per_user']} s/user")

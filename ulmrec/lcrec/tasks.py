@@ -21,6 +21,7 @@ import pandas as pd
 
 from ..prompts import shorten
 from ..tasks import Example
+from .item_index import item_texts
 
 TEMPLATES = {
     "seq": [
@@ -72,7 +73,6 @@ class LcRecData:
 
 def lcrec_data(ds, index: dict[int, str], preference=None, intent=None,
                max_title_words: int = 16) -> LcRecData:
-    from .item_index import item_texts
     ids, texts = item_texts(ds)
     titles = {int(i): shorten(str(t), max_title_words) for i, t in zip(ds.items["item"], ds.items["title"])}
     return LcRecData(index=index, titles=titles,

@@ -75,7 +75,7 @@ class P2RecLM(nn.Module):
 def add_lora(llm, r: int = 8, alpha: int = 32, dropout: float = 0.05,
              targets: tuple[str, ...] = ("q_proj", "v_proj")):
     """LoRA on the attention projections; every other backbone weight is frozen."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model   # on first use: importing peft costs ~10 s
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
                      target_modules=list(targets))
     return get_peft_model(llm, cfg)

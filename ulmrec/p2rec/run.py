@@ -32,6 +32,7 @@ from ..backbone import load_backbone, resolve_backbone
 from ..data import load_dataset
 from ..paths import atomic_write, atomic_write_json, runs_root
 from ..ranker import _tiny_llama
+from ..report import markdown_table
 from ..retrieval import RetrievalConfig, load_retriever
 from . import (P2RecLM, add_lora, agreement, enhance_items, instance_examples, item_embeddings,
                kmeans_groups, mean_loss, time_steps, train_sft, train_variant, user_targets)
@@ -119,7 +120,7 @@ def stage_group(cfg: P2RecConfig, ds, out: Path) -> np.ndarray:
 
 def build_lm(cfg: P2RecConfig, ds, device) -> P2RecLM:
     """Backbone + LoRA + projection + head, over the grouping retriever's item embeddings."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer   # on first use: ~2 s to import, and --help never needs it
 
     if cfg.tiny_backbone:
         tok = AutoTokenizer.from_pretrained(resolve_backbone(cfg.backbone), local_files_only=True)
@@ -266,8 +267,7 @@ def table(reports: dict) -> str:
     """Markdown: test metrics per model and variant, mean (± std when several seeds)."""
     cols = ("Recall@5", "Recall@10", "NDCG@5", "NDCG@10", "candidates_Recall@20")
     names = {"base": "Base", "ci": "+CI", "p2rec": "+P2Rec", "emb": "+Emb (control)"}
-    lines = ["| model | variant | HR@5 | HR@10 | NDCG@5 | NDCG@10 | Recall@20 (candidates) | best epochs |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+    rows = []
     keys = dict.fromkeys((m, v) for m, v, _ in reports)
     for model, variant in keys:
         reps = [r for (m, v, _), r in reports.items() if (m, v) == (model, variant)]
@@ -276,8 +276,9 @@ def table(reports: dict) -> str:
             x = np.array([r["test"][c] for r in reps])
             cells.append(f"{x.mean():.4f}" + (f" ± {x.std(ddof=1):.4f}" if len(x) > 1 else ""))
         epochs = ",".join(str(r["best_epoch"]) for r in reps)
-        lines.append(f"| {model} | {names[variant]} | " + " | ".join(cells) + f" | {epochs} |")
-    return "\n".join(lines)
+        rows.append([model, names[variant], *cells, epochs])
+    return markdown_table(["model", "variant", "HR@5", "HR@10", "NDCG@5", "NDCG@10",
+                           "Recall@20 (candidates)", "best epochs"], rows, "llrrrrrl")
 
 
 class UnknownStage(ValueError):

@@ -3,13 +3,12 @@ each <i_k> token; trained with the ranker, resumed from checkpoints, exported an
 import numpy as np
 import pytest
 import torch
-from tiny_run import train_and_evaluate
+from tiny_run import train_and_evaluate, train_tiny_retriever
 
 from train import export, finetune
 from ulmrec.bundle import load_bundle
 from ulmrec.item_tokens import FILE, ItemTokens, item_token
 from ulmrec.ranker import RankerConfig, build_ranker, load_ranker
-from ulmrec.retrieval.trainer import RetrievalConfig, run as train_retriever
 
 ARGS = ["--dataset", "gift-cards", "--tiny-backbone", "--retriever", "lrurec", "--index-kind", "none",
         "--tasks", "next_item", "--task-ratio", "1", "--preference-source", "extractive",
@@ -54,8 +53,7 @@ def trained(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("ULMREC_RUNS", str(root / "runs"))
     try:
-        train_retriever(RetrievalConfig(dataset="gift-cards", model="lrurec", hidden=16,
-                                        max_epochs=2, batch_size=64, max_len=20))
+        train_tiny_retriever()
         train_and_evaluate(ARGS + ["--item-tokens"], root / "results")
         assert export.main(["--dataset", "gift-cards", "--run-name", "t", "--results-dir",
                             str(root / "results"), "--out", str(root / "b"), "--no-include-data"]) == 0

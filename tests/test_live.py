@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tiny_run import train_and_evaluate
+from tiny_run import train_and_evaluate, train_tiny_retriever
 
 from train import export, finetune
 from train import index as index_cli
@@ -16,7 +16,6 @@ from ulmrec.bundle import BundleError, load_bundle
 from ulmrec.indexing.table import parse_token_string
 from ulmrec.live import MAX_ITEMS, MAX_TEXT, InputError, resolve_history
 from ulmrec.paths import sha256_file
-from ulmrec.retrieval.trainer import RetrievalConfig, run as train_retriever
 
 ARGS = ["--dataset", "gift-cards", "--tiny-backbone", "--retriever", "lrurec", "--index-kind", "pid",
         "--preference-source", "extractive", "--max-history", "3", "--max-title-words", "4",
@@ -31,8 +30,7 @@ def bundle(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("ULMREC_RUNS", str(root / "runs"))
     try:
-        train_retriever(RetrievalConfig(dataset="gift-cards", model="lrurec", hidden=16,
-                                        max_epochs=2, batch_size=64, max_len=20))
+        train_tiny_retriever()
         assert index_cli.main(["--dataset", "gift-cards", *INDEX]) == 0
         train_and_evaluate(ARGS, root / "results")
         assert finetune.main(ARGS + [

@@ -14,3 +14,10 @@ def train_and_evaluate(args: list[str], results_dir, run: str = "t") -> None:
                                  "--learning-rate", "0.01", "--warmup-steps", "0"]) == 0
     assert evaluate.main(args + ["--runs", run, "--baselines", "retriever", "--max-users", "12",
                                  "--fusion-val-users", "6", "--results-dir", str(results_dir)]) == 0
+
+
+def train_tiny_retriever() -> None:
+    """A 2-epoch LRURec of width 16 on gift-cards (under $ULMREC_RUNS): real lists, seconds."""
+    from ulmrec.retrieval.trainer import RetrievalConfig, run
+    run(RetrievalConfig(dataset="gift-cards", model="lrurec", hidden=16, max_epochs=2,
+                        batch_size=64, max_len=20))

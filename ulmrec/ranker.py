@@ -97,7 +97,7 @@ def load_task_inputs(ds, cfg) -> tuple[TaskInputs, list[str]]:
     notes += pref_notes
     if cfg.index_kind == "release":           # built from all reviews: may carry held-out data
         notes.append(RELEASE_INDEX_NOTE)
-    inp = task_inputs(ds, index, prefs, cfg.max_title_words, getattr(cfg, 'item_tokens', False))
+    inp = task_inputs(ds, index, prefs, cfg.max_title_words, getattr(cfg, "item_tokens", False))
     if getattr(cfg, "train_candidates", "random") in ("retriever", "retriever-only"):
         if cfg.retriever == "random":
             raise ValueError(f"train_candidates '{cfg.train_candidates}' needs a retriever run, "
@@ -208,9 +208,9 @@ def quantize_int8(model, skip: tuple[str, ...] = ()):
     row; activations stay fp32), except those whose name ends with one of `skip`. The
     output head stays fp32, so the 20 letter logits keep full precision.
 
-    Why weight-only and not torchao's dynamic int8 (int8 activations too): on this CPU path
-    that one runs a reference int8 matmul, 26x slower than fp32 on one SmolLM2 MLP layer
-    (docs/app.md); the fbgemm kernels that made dynamic int8 fast live in
+    Why weight-only and not torchao's dynamic int8 (int8 activations too): on a CPU without
+    torch.compile that one ran at 0.03x fp32 on SmolLM2's MLP shapes (bench/int8_kernels.py,
+    docs/app.md); the fbgemm kernels that made dynamic int8 fast live in
     torch.ao.quantization, deprecated. Weight-only int8 keeps fp32 speed, takes a quarter
     of the linear weights' memory and, with fp32 activations, has no outlier problem (so no
     layer needs skipping). Inference only: a merged model no longer trains."""

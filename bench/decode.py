@@ -11,7 +11,10 @@ extractive summary; a random other user's reference preference):
   reference preferences of every user sharing the prefix vs 9 other prefixes' centroids
   → level_a_accuracy … (chance 0.1 where 9 other prefixes exist; level_*_chance says);
 * diversity of the full-index texts: distinct_ratio, boilerplate_share (no catalogue word,
-  or the same text as another user's).
+  or the same text as another user's);
+* invented names: invented_share, the share of full-index texts naming a title-like name
+  that no catalogue title contains (ulmrec.decode.CatalogueNames; invented_share_all over
+  every rung's text).
 
 Reference text: the authors' GPT-3.5 preferences on games/beauty (leak-prone: written from
 all of a user's reviews), the preferences stage's output elsewhere. Results go to
@@ -34,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from ulmrec.config import from_dict, parse_config
-from ulmrec.decode import (DecodeSettings, catalogue_vocab, centroids, decode_indices, diversity,
+from ulmrec.decode import (CatalogueNames, DecodeSettings, catalogue_vocab, centroids, decode_indices, diversity,
                            own_retrieval, prefix_fidelity, sample_negatives)
 from ulmrec.indexing.table import level_letter, parse_token_string, token_string
 from ulmrec.paths import atomic_write, atomic_write_json, display_path, repo_path
@@ -214,7 +217,8 @@ def prefix_medoids(ref_vec: np.ndarray, codes: list[list[int]], n_levels: int,
 
 def measure(outputs: dict[str, dict[int, list[str]]], refs: pd.Series, index: pd.Series,
             sample: list[int], embed, vocab: set[str], negatives: int = 99,
-            prefix_negatives: int = 9, seed: int = 0, medoid: bool = False) -> dict[str, dict]:
+            prefix_negatives: int = 9, seed: int = 0, medoid: bool = False,
+            names: CatalogueNames | None = None) -> dict[str, dict]:
     """Metrics per system. outputs[system][user] = texts per prefix level (last = full
     index); refs: user → reference text (pool = every user with one and an index);
     embed(texts) → unit vectors [n, D]. medoid adds the system "prefix_medoid": at each
@@ -257,6 +261,9 @@ def measure(outputs: dict[str, dict[int, list[str]]], refs: pd.Series, index: pd
             outs = {texts[u][k] for u in sample}
             res[f"level_{name}_distinct_ratio"] = len(outs) / max(1, len(prefixes))
         res.update(diversity([texts[u][-1] for u in sample], vocab))
+        if names is not None:
+            res["invented_share"] = names.share([texts[u][-1] for u in sample])
+            res["invented_share_all"] = names.share([t for u in sample for t in texts[u] if t])
         out[system] = res
     k_eff = min(negatives, len(pool) - 1)
     meta = {"pool_users": len(pool), "own_candidates": k_eff + 1,
@@ -270,6 +277,9 @@ def results_table(payload: dict) -> str:
     cols = [("own_mrr", "own MRR"), ("own_hit1", "hit@1"), ("own_hit10", "hit@10")] + \
         [(f"level_{lv}_accuracy", f"{'-'.join(lv)} acc") for lv in levels] + \
         [("distinct_ratio", "distinct"), ("boilerplate_share", "boilerplate")]
+    first = next(iter(payload["results"].values()))
+    if "invented_share" in first:      # results written before the metric existed lack it
+        cols.append(("invented_share", "invented"))
     ref = payload["reference"]
     t = payload["timing"]
     lines = [
@@ -282,11 +292,11 @@ def results_table(payload: dict) -> str:
         same = " (= the reference text: an upper bound)" if system == "extractive" and \
             ref.get("name") == "extractive" else ""
         rows.append([f"{SYSTEMS.get(system, system)}{same}"] + [f"{res[k]:.3f}" for k, _ in cols])
-    chance = next(iter(payload["results"].values()))
+    chance = first
     rows.append(["chance", f"{payload['meta']['own_mrr_chance']:.3f}",
                  f"{1 / payload['meta']['own_candidates']:.3f}",
                  f"{min(1.0, 10 / payload['meta']['own_candidates']):.3f}"]
-                + [f"{chance[f'level_{lv}_chance']:.3f}" for lv in levels] + ["", ""])
+                + [f"{chance[f'level_{lv}_chance']:.3f}" for lv in levels] + [""] * (len(cols) - 3 - len(levels)))
     lines.append(markdown_table(["system"] + [c[1] for c in cols], rows, "l" + "r" * len(cols)))
     lines += ["", f"Own retrieval: the full-index text vs the user's reference and "
               f"{payload['meta']['own_candidates'] - 1} other users' (MiniLM cosine, ties count "
@@ -294,7 +304,8 @@ def results_table(payload: dict) -> str:
               "references of the users sharing it, among it and up to "
               f"{payload['prefix_negatives']} other prefixes' centroids. Distinct = distinct "
               "full-index texts / users; boilerplate = no catalogue word, or another user's exact "
-              "text.", ""]
+              "text; invented = the full-index text names a title-like name that no catalogue "
+              "title contains.", ""]
     if t["generations"]:
         lines += [f"Decoding: {t['generations']} distinct prompts in {t['decode_seconds']:.0f} s "
                   f"({t['seconds_per_generation']:.2f} s each, {t['threads']} CPU thread(s), "
@@ -378,11 +389,12 @@ def main(argv: list[str] | None = None) -> int:
             return embed_cached(enc, batch, desc="references")[0]
         return embed(enc, batch)
 
-    vocab = catalogue_vocab(list(titles.values()) + (
-        ds.items["category"].dropna().astype(str).tolist() if "category" in ds.items else []),
-        GENERIC)
+    catalogue = list(titles.values()) + (
+        ds.items["category"].dropna().astype(str).tolist() if "category" in ds.items else [])
+    vocab = catalogue_vocab(catalogue, GENERIC)
+    names = CatalogueNames(catalogue, refs.dropna().astype(str).tolist())
     measured = measure(outputs, refs, index, sample, embed_texts, vocab, cfg.negatives,
-                       cfg.prefix_negatives, cfg.seed, medoid=cfg.references_only)
+                       cfg.prefix_negatives, cfg.seed, medoid=cfg.references_only, names=names)
 
     # example ladders: the sampled users with the most training items (ties: smaller id)
     users_tab = ds.users.set_index("user")

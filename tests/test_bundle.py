@@ -98,6 +98,25 @@ def test_outcomes_say_where_the_served_model_put_each_real_item(trained):
         assert out.at[user, "moved"] == {1: "up", 0: "same", -1: "down"}[sign]
 
 
+def test_a_residual_ranker_is_served_as_the_sum_it_was_trained_as(trained):
+    """A --residual run ranks by log p_LLM + w · log-softmax(retriever scores): the bundle's
+    prob (and llm_rank) is that sum, normalised, and llm_prob the LLM term alone."""
+    from ulmrec.fusion import fuse
+    bundle = load_bundle(trained / "lean")
+    users = bundle.candidates.query("split == 'test'")["user"].head(3).tolist()
+    plain = bundle.rank(users, batch_size=3)
+    bundle.config = {**bundle.config, "residual": True, "residual_weight": 2.0}
+    summed = bundle.rank(users, batch_size=3)
+    cands = bundle.candidates.query("split == 'test'").set_index("user")
+    for user, a, b in zip(users, plain, summed):
+        np.testing.assert_allclose(b["llm_prob"], a["prob"], atol=1e-6)
+        want = fuse(a["prob"].to_numpy()[None], np.asarray(cands.at[user, "scores"])[None], 2.0)[0]
+        want = np.exp(want - np.logaddexp.reduce(want))
+        np.testing.assert_allclose(b["prob"], want, atol=1e-6)
+        assert b["prob"].sum() == pytest.approx(1.0, abs=1e-6)
+        assert b.loc[b["llm_rank"] == 1, "prob"].iloc[0] == pytest.approx(b["prob"].max())
+
+
 def test_bundle_files_and_card(trained):
     full, lean = trained / "full", trained / "lean"
     assert (full / "items.parquet").exists() and not (lean / "items.parquet").exists()

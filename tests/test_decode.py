@@ -128,6 +128,23 @@ def test_diversity_and_boilerplate():
     assert m["no_catalogue_word_share"] == pytest.approx(1 / 4)
 
 
+def test_catalogue_names_flag_only_titles_the_catalogue_lacks():
+    from ulmrec.decode import CatalogueNames
+    titles = ["The Legend of Zelda: Twilight Princess", "Nintendo DS Lite", "Resident Evil 5",
+              "Pirates of the Caribbean", "Mario Kart 8"]
+    ordinary = ["the user prefers games and enjoys themed games"] * 3
+    names = CatalogueNames(titles, ordinary)
+    # plain words at a sentence's start, a "-themed" suffix, acronyms, plurals: no names
+    assert names.unknown("Prefers Zelda and Mario-themed RPGs on the Nintendo DS.") == []
+    assert names.unknown("Enjoys Resident Evil games and Mario Kart.") == []
+    assert names.unknown("Prefers pirate games. Enjoys Pirates.") == []
+    # a title-like name no title contains, once with a known word in front of it
+    assert names.unknown("Enjoys Pirate Meerkat and Zelda.") == ["pirate meerkat"]
+    assert names.unknown("Prefers Zelda Odyssey.") == ["zelda odyssey"]
+    texts = ["Prefers Zelda.", "Enjoys Pirate Meerkat.", "", "Enjoys Resident Evil 5."]
+    assert names.share(texts) == pytest.approx(1 / 4)
+
+
 # ------------------------------------------------------------------ the profile
 
 def _profile_index():

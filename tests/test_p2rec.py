@@ -8,6 +8,7 @@ import torch
 from ulmrec.p2rec import (GatedItemTable, GroupItemTable, P2RecLM, add_lora, agreement,
                           build_variant, enhance_items, frequency_vectors, instance_examples,
                           kmeans_groups, sft_loss, train_sft, user_targets)
+from ulmrec.p2rec.sft import mean_loss
 from ulmrec.retrieval import LRURec, RetrievalConfig
 
 K = 4
@@ -92,12 +93,16 @@ def test_sft_loss_decreases_and_resumes(tok, gift_cards, tmp_path):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("lora_" in n for n in trainable) and {"proj.weight", "head.weight"} <= trainable
     assert not any("lora_" not in n and n.startswith("llm.") for n in trainable)  # backbone frozen
+    before = mean_loss(model, hist, targets)
+    # interrupted after 2 of 4 epochs (4 steps of 16 each), then resumed from the checkpoint
+    first = train_sft(model, hist, targets, epochs=4, lr=3e-3, batch_size=16, seed=0, out=tmp_path,
+                      stop_after=8)
+    assert not first["finished"] and [h["epoch"] for h in first["history"]] == [1, 2]
     state = train_sft(model, hist, targets, epochs=4, lr=3e-3, batch_size=16, seed=0, out=tmp_path)
-    losses = [h["loss"] for h in state["history"]]
-    assert losses[-1] < losses[0] * 0.8, losses
-    # a rerun with more epochs continues from the checkpoint instead of starting over
-    state2 = train_sft(model, hist, targets, epochs=5, lr=3e-3, batch_size=16, seed=0, out=tmp_path)
-    assert [h["epoch"] for h in state2["history"]] == [1, 2, 3, 4, 5]
+    assert state["finished"] and [h["epoch"] for h in state["history"]] == [1, 2, 3, 4]
+    assert [h["loss"] for h in state["history"][:2]] == [h["loss"] for h in first["history"]]
+    assert state["history"][0]["seconds"] is None and state["history"][3]["seconds"] > 0
+    assert mean_loss(model, hist, targets) < before * 0.8
 
 
 def test_sft_loss_is_eq4():

@@ -281,7 +281,8 @@ class Bundle:
              batch_size: int = 8, shared_prefix: bool = True, examples: list | None = None
              ) -> list[pd.DataFrame]:
         """Per user: letter, item, title, prob, llm_rank, retriever_rank, is_target, and with a
-        fitted retriever prior (fusion.json) fused_score and fused_rank (ulmrec.fusion).
+        fitted retriever prior (fusion.json) fused_score and fused_rank (ulmrec.fusion). A
+        residual ranker's prob is the normalised sum it was trained as; llm_prob its LLM term.
         A batch runs its prompts' shared beginning once (`shared_prefix`, ulmrec.model);
         `examples`: the users' prompts, already built (self.examples), in `users`' order."""
         if examples is None:
@@ -313,6 +314,13 @@ class Bundle:
                                   "title": [titles[i] for i in ex.candidates],
                                   "score": s[:n], "prob": p[:n],
                                   "retriever_rank": range(1, n + 1)})
+            if cfg.residual and cfg.residual_weight is not None:
+                # a residual ranker was trained (and evaluated) as one sum, log p_LLM + w ·
+                # log-softmax(retriever): serve that sum; its LLM term stays beside it
+                retr = np.asarray(retriever_scores[k], dtype=np.float64)[None, :n]
+                summed = fuse(p[None, :n], retr, cfg.residual_weight)[0]
+                frame["llm_prob"] = frame["prob"]
+                frame["prob"] = np.exp(summed - np.logaddexp.reduce(summed))
             frame["llm_rank"] = frame["prob"].rank(ascending=False, method="first").astype(int)
             if fusion is not None:
                 retr = np.asarray(retriever_scores[k], dtype=np.float64)[:n]

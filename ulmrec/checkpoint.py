@@ -1,5 +1,9 @@
 """Resumable fine-tuning checkpoints: the trainable weights only (LoRA + index-token rows),
-the optimizer, the scheduler and the loop's own state, one folder swapped in atomically."""
+the optimizer, the scheduler and the loop's own state, one folder swapped in atomically.
+
+A model that owns trainable tensors outside its peft wrapper (P2Rec's projection and head
+around a LoRA backbone) names them itself: `model.trainable_state()` → {name: tensor}, loaded
+back with `load_state_dict(strict=False)`."""
 from __future__ import annotations
 
 import json
@@ -34,8 +38,11 @@ def save_checkpoint(folder: Path, model, optim, sched, state: dict) -> None:
     def write(tmp: Path) -> None:
         # Without save_embedding_layers=False PEFT copies the whole resized embedding (235 MB
         # for the 135M backbone); the index rows travel as trainable-token deltas anyway.
-        sd = get_peft_model_state_dict(model, save_embedding_layers=False)
-        sd.update(_item_tokens_state(model))
+        if hasattr(model, "trainable_state"):
+            sd = model.trainable_state()
+        else:
+            sd = get_peft_model_state_dict(model, save_embedding_layers=False)
+            sd.update(_item_tokens_state(model))
         # clone: tied embedding / LM-head token rows share storage, which safetensors refuses
         save_file({k: v.detach().cpu().clone().contiguous() for k, v in sd.items()},
                   tmp / "trainable.safetensors")
@@ -51,10 +58,15 @@ def load_checkpoint(folder: Path, model, optim, sched) -> dict:
 
     folder = Path(folder)
     weights = load_file(folder / "trainable.safetensors")
-    extra = {k: weights.pop(k) for k in list(weights) if k.startswith(ITEM_TOKENS)}
-    if extra:
-        model.item_tokens.proj.load_state_dict({k[len(ITEM_TOKENS):]: v for k, v in extra.items()})
-    set_peft_model_state_dict(model, weights)
+    if hasattr(model, "trainable_state"):
+        res = model.load_state_dict(weights, strict=False)
+        if res.unexpected_keys:
+            raise ValueError(f"{folder}: checkpoint does not fit this model: {res.unexpected_keys[:3]}")
+    else:
+        extra = {k: weights.pop(k) for k in list(weights) if k.startswith(ITEM_TOKENS)}
+        if extra:
+            model.item_tokens.proj.load_state_dict({k[len(ITEM_TOKENS):]: v for k, v in extra.items()})
+        set_peft_model_state_dict(model, weights)
     optim.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     sched.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     return read_state(folder)

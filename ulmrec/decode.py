@@ -14,7 +14,8 @@ Three parts, used by the bundle (`Bundle.decode_many`), the app's ladder and `be
 * measurement (pure numpy, no model): own-preference retrieval (the decoded text's cosine
   to the user's reference preference vs other users'), prefix fidelity (to the centroid of
   the references of the users sharing the prefix vs other prefixes' centroids) and
-  diversity (distinct outputs, boilerplate share).
+  diversity (distinct outputs, boilerplate share) and invented names (`CatalogueNames`: a
+  title-like name that no catalogue title contains).
 """
 from __future__ import annotations
 
@@ -376,6 +377,71 @@ def catalogue_vocab(titles, extra_stop: set[str] | None = None) -> set[str]:
     for t in titles:
         vocab.update(w for w in _WORD.findall(str(t).lower()) if len(w) >= 3 and w not in stop)
     return vocab
+
+
+# A name in a text: a run of capitalised words (numbers may follow one: "Mario Kart 8"); a
+# word that ends a sentence ends the run
+_NAME = re.compile(r"[A-Z][\w'’&+-]*(?:\s+[A-Z0-9][\w'’&+-]*)*")
+_PIECE = re.compile(r"[a-z0-9]+")
+_ACRONYM = re.compile(r"^[A-Z0-9]{2,5}s?$")     # RPG, FPS, PS3, MMOs: kinds of games, not titles
+
+
+def _pieces(text: str) -> list[str]:
+    return _PIECE.findall(text.lower().replace("'s", "").replace("’s", ""))
+
+
+class CatalogueNames:
+    """Which names in a decoded text the catalogue does not have.
+
+    A name is a run of capitalised words. Its pieces that are plain words ("Prefers" at a
+    sentence's start, the "themed" of "Mario-themed": words the `ordinary` texts write in lower
+    case at least `min_count` times, or stop words) and acronyms (RPG, PS3: kinds, not titles)
+    are dropped from both ends; what is left is known when it appears, in order and
+    contiguous, in some catalogue title or category ("Zelda", "Nintendo DS", "Resident Evil"),
+    a plural on its last word forgiven. Anything else names a title the catalogue does not
+    have ("Pirate Meerkat"). An invented name made only of plain words ("Space Adventure") is
+    not caught: the check errs towards not accusing.
+    """
+
+    def __init__(self, titles, ordinary=(), min_count: int = 3, max_n: int = 8):
+        from collections import Counter
+
+        from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+        lower = Counter(w for t in ordinary for w in re.findall(r"\b[a-z][a-z0-9]*", str(t)))
+        self.plain = set(ENGLISH_STOP_WORDS) | {"user", "users"} | {
+            w for w, c in lower.items() if c >= min_count}
+        self.max_n = max_n
+        self.grams: set[tuple[str, ...]] = set()
+        for t in titles:
+            w = _pieces(str(t))
+            for n in range(1, max_n + 1):
+                self.grams.update(tuple(w[i:i + n]) for i in range(len(w) - n + 1))
+
+    def _known(self, words: list[str]) -> bool:
+        if len(words) > self.max_n:
+            return all(self._known(words[i:i + self.max_n])
+                       for i in range(len(words) - self.max_n + 1))
+        last = words[-1][:-1] if words[-1].endswith("s") else words[-1] + "s"
+        return tuple(words) in self.grams or (*words[:-1], last) in self.grams
+
+    def unknown(self, text: str) -> list[str]:
+        """The names in `text` that no catalogue title or category contains."""
+        out = []
+        for m in _NAME.finditer(text):
+            pieces = [(p, bool(_ACRONYM.match(tok))) for tok in m.group(0).split()
+                      for p in _pieces(tok)]
+            keep = [not acr and p not in self.plain for p, acr in pieces]
+            if not any(keep):
+                continue
+            first, last = keep.index(True), len(keep) - keep[::-1].index(True)
+            words = [p for p, _ in pieces[first:last]]
+            if not self._known(words):
+                out.append(" ".join(words))
+        return out
+
+    def share(self, texts: list[str]) -> float:
+        """Share of texts that name at least one name the catalogue does not have."""
+        return float(np.mean([bool(self.unknown(t)) for t in texts])) if texts else float("nan")
 
 
 def diversity(texts: list[str], vocab: set[str]) -> dict:

@@ -52,6 +52,8 @@ class TrainingArguments:
     batch_size: int = 4
     grad_accum: int = 1
     warmup_steps: int = 100
+    max_grad_norm: float = field(default=0.0, metadata={
+        "help": "clip the gradient norm to this before each optimizer step (0 = no clipping)"})
     lr_schedule: str = field(default="linear", metadata={
         "help": "after the warmup: linear = decay to 0 at the last step; cosine = half a cosine "
                 "to 0; constant = stay at learning_rate",
@@ -88,13 +90,15 @@ def total_steps(n_examples: int, args: TrainingArguments, processes: int = 1) ->
 
 
 def fit(model, encoded: list[dict], args: TrainingArguments, out: Path, *,
-        loss_fn: Callable, pad_id: int, seed: int = 42,
+        loss_fn: Callable, pad_id: int | None = None, collate_fn: Callable | None = None,
+        seed: int = 42,
         evaluate: Callable[[torch.nn.Module], dict] | None = None,
         save: Callable[[torch.nn.Module, str], None] | None = None,
         init: Callable[[torch.nn.Module], None] | None = None,
         ckpt_every: int = 0, accelerator=None, desc: str = "train") -> dict:
-    """Train (or resume) `model` on `encoded` (ulmrec.model.encode rows); the loop summary,
-    the same on every process.
+    """Train (or resume) `model` on `encoded` (ulmrec.model.encode rows, batched by
+    ulmrec.model.collate with `pad_id`; or any rows, batched by `collate_fn(rows)` into a dict
+    whose tensors go to the device); the loop summary, the same on every process.
 
     evaluate: every `eval_every` steps and at the end; a higher "score" is better, a better
     one calls save(model, "best"). save(model, "last") once training ends. init(model): a
@@ -151,14 +155,17 @@ def fit(model, encoded: list[dict], args: TrainingArguments, out: Path, *,
         batches = batches[done_in_epoch * args.grad_accum: steps_per_epoch * args.grad_accum]
         for idx in batches:
             mine = idx[acc.process_index::acc.num_processes].tolist() or idx[:1].tolist()
-            batch = collate([encoded[i] for i in mine], pad_id)
-            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            rows = [encoded[i] for i in mine]
+            batch = collate(rows, pad_id) if collate_fn is None else collate_fn(rows)
+            batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with acc.accumulate(model):
                 loss = loss_fn(model, batch)
                 acc.backward(loss)
+                if args.max_grad_norm and acc.sync_gradients:
+                    acc.clip_grad_norm_(params, args.max_grad_norm)
                 optim.step()           # a no-op until the accumulation is complete
                 optim.zero_grad()
-            tokens_seen += int(batch["attention_mask"].sum())
+            tokens_seen += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
             if not acc.sync_gradients:
                 continue
             lrs.append(sched.get_last_lr()[0])

@@ -3,7 +3,7 @@
 
 Outputs in runs/<dataset>/p2rec/:
   groups.json          item → pre-group (k-means over the `--retriever` run's item embeddings)
-  sft/                 trainable.safetensors (LoRA + projection + head), sft_last.pt (resume),
+  sft/                 trainable.safetensors (LoRA + projection + head), checkpoint/ (resume),
                        sft.json (loss history, MSE vs the mean-vector baseline, cost comparison)
   enhanced.safetensors knowledge-enhanced item embeddings [N+1, D] and group distributions [N+1, K]
   agreement.json       C1/C2/C3 shares (paper Fig. 5)
@@ -144,8 +144,8 @@ def stage_sft(cfg: P2RecConfig, ds, groups: np.ndarray, out: Path, device) -> P2
         if res.unexpected_keys:
             raise ValueError(f"{sft_dir}: weights do not fit this model: {res.unexpected_keys[:3]}")
         return model
-    if (sft_dir / "sft_last.pt").exists() and not _fresh(sft_dir / "signature.json", sig):
-        (sft_dir / "sft_last.pt").unlink()                      # another setting's checkpoint
+    if (sft_dir / "checkpoint").exists() and not _fresh(sft_dir / "signature.json", sig):
+        shutil.rmtree(sft_dir / "checkpoint")                   # another setting's checkpoint
     atomic_write_json(sft_dir / "signature.json", {"signature": sig})
     _, hist, targets = user_targets(ds, groups, cfg.k)
     total = len(hist)
@@ -162,6 +162,7 @@ def stage_sft(cfg: P2RecConfig, ds, groups: np.ndarray, out: Path, device) -> P2
     state = train_sft(model, hist, targets, epochs=cfg.sft_epochs, lr=cfg.sft_lr,
                       batch_size=cfg.sft_batch_size, seed=cfg.seed, out=sft_dir)
     mse_after = mean_loss(model, hist, targets)
+    timed = [h["seconds"] for h in state["history"] if h["seconds"] is not None]
     # the MSE of always answering the average user's vector: what SFT must beat to have learnt
     # anything user-specific
     mean_vec = ((targets - targets.mean(0)) ** 2).sum(1).mean()
@@ -173,8 +174,7 @@ def stage_sft(cfg: P2RecConfig, ds, groups: np.ndarray, out: Path, device) -> P2
             "instance_s_per_example": timing["instance"]["seconds_per_example"],
             "user_epoch_s_est": m * timing["user"]["seconds_per_example"],
             "instance_epoch_s_est": t * timing["instance"]["seconds_per_example"],
-            "user_epoch_s_measured": float(np.mean([h["seconds"] for h in state["history"]]))
-            if state["history"] else None,
+            "user_epoch_s_measured": float(np.mean(timed)) if timed else None,
             "examples_timed": cfg.timing_examples}
     report = {"signature": sig, "users": m, "sft_users_of": total,
               "history": state["history"],

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from ..paths import atomic_write
+from ..trainer import TrainingArguments, fit, total_steps
 from .llm import P2RecLM, sft_loss
 
 log = logging.getLogger(__name__)
@@ -32,51 +31,41 @@ def instance_examples(histories: list[list[int]], groups: np.ndarray, k: int):
     return hist, np.eye(k, dtype=np.float32)[np.asarray(nxt, dtype=np.int64)]
 
 
-def batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """Shuffled example indices per batch; depends only on (seed, epoch) so resumes repeat it."""
-    order = np.random.default_rng(seed * 1_000_003 + epoch).permutation(n)
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
-
-
 def train_sft(model: P2RecLM, histories: list[list[int]], targets: np.ndarray, *, epochs: int,
-              lr: float, batch_size: int, seed: int, out: Path, max_grad_norm: float = 1.0) -> dict:
-    """Train LoRA + projection + head on user-level examples; resumable per epoch from
-    out/sft_last.pt. Returns the loss history and the LLM time (forward + backward + step)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    device = next(model.parameters()).device
-    y = torch.as_tensor(targets, dtype=torch.float32)
-    state = {"epoch": 0, "history": []}
-    last = out / "sft_last.pt"
-    if last.exists():
-        ckpt = torch.load(last, map_location="cpu", weights_only=True)
-        assert not model.load_state_dict(ckpt["trainable"], strict=False).unexpected_keys
-        opt.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"])
-        state = ckpt["state"]
-        log.info("SFT resumed after epoch %d", state["epoch"])
-    for epoch in range(state["epoch"], epochs):
-        model.train()
-        t0, total, n = time.perf_counter(), 0.0, 0
-        for idx in tqdm(batches(len(histories), batch_size, seed, epoch), desc=f"SFT epoch {epoch + 1}",
-                        unit="batch", leave=False):
-            _, pred = model([histories[i] for i in idx])
-            loss = sft_loss(pred, y[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            opt.step()
-            total += loss.item() * len(idx)
-            n += len(idx)
-        secs = time.perf_counter() - t0
-        state["epoch"] = epoch + 1
-        state["history"].append({"epoch": epoch + 1, "loss": total / n, "seconds": secs,
-                                 "examples": n})
-        log.info("SFT epoch %d: MSE %.5f over %d user examples, %.1f s", epoch + 1, total / n, n, secs)
-        ckpt = {"trainable": model.trainable_state(), "optimizer": opt.state_dict(),
-                "rng": torch.get_rng_state(), "state": state}
-        atomic_write(last, lambda p, c=ckpt: torch.save(c, p))
-    return state
+              lr: float, batch_size: int, seed: int, out: Path, max_grad_norm: float = 1.0,
+              stop_after: int = 0) -> dict:
+    """Train LoRA + projection + head on user-level examples through the one training loop
+    (ulmrec.trainer.fit: constant LR, no warmup, the gradient norm clipped; a checkpoint under
+    out/checkpoint after every epoch, so an interrupted run resumes). Returns the per-epoch
+    loss history (epochs trained in this call carry their seconds) and whether it finished."""
+    rows = [{"history": h, "target": y} for h, y in zip(histories, np.asarray(targets, np.float32))]
+    args = TrainingArguments(learning_rate=lr, num_epochs=epochs, batch_size=batch_size,
+                             warmup_steps=0, lr_schedule="constant", max_grad_norm=max_grad_norm,
+                             stop_after=stop_after)
+    per_epoch, _ = total_steps(len(rows), args)
+    summary = fit(model, rows, args, out, loss_fn=_loss, collate_fn=_collate, seed=seed,
+                  ckpt_every=per_epoch, desc="P2Rec SFT")
+    losses = summary.get("losses", [])
+    done_before = summary["steps"] - len(summary.get("lr", []))      # steps of earlier calls
+    secs = summary.get("train_seconds_this_process", 0.0) / max(1, len(summary.get("lr", [])))
+    history = []
+    for e in range(len(losses) // per_epoch):
+        step_losses = losses[e * per_epoch:(e + 1) * per_epoch]
+        ran_now = (e + 1) * per_epoch > done_before
+        history.append({"epoch": e + 1, "loss": float(np.mean(step_losses)),
+                        "seconds": secs * per_epoch if ran_now else None, "examples": len(rows)})
+        log.info("SFT epoch %d: MSE %.5f over %d user examples", e + 1, history[-1]["loss"], len(rows))
+    return {"epoch": len(history), "history": history,
+            "finished": not summary.get("interrupted", False)}
+
+
+def _collate(rows: list[dict]) -> dict:
+    return {"history": [r["history"] for r in rows],
+            "target": torch.as_tensor(np.stack([r["target"] for r in rows]))}
+
+
+def _loss(model: P2RecLM, batch: dict) -> torch.Tensor:
+    return sft_loss(model(batch["history"])[1], batch["target"])
 
 
 @torch.no_grad()

@@ -103,6 +103,10 @@ def test_sft_loss_decreases_and_resumes(tok, gift_cards, tmp_path):
     assert [h["loss"] for h in state["history"][:2]] == [h["loss"] for h in first["history"]]
     assert state["history"][0]["seconds"] is None and state["history"][3]["seconds"] > 0
     assert mean_loss(model, hist, targets) < before * 0.8
+    # a finished run called again trains nothing and still reports its epochs
+    again = train_sft(model, hist, targets, epochs=4, lr=3e-3, batch_size=16, seed=0, out=tmp_path)
+    assert again["finished"] and [h["loss"] for h in again["history"]] == \
+        [h["loss"] for h in state["history"]]
 
 
 def test_sft_loss_is_eq4():

@@ -133,7 +133,7 @@ def fit(model, encoded: list[dict], args: TrainingArguments, out: Path, *,
             "mixed_precision": acc.mixed_precision}
     if state["done"]:
         log.info("run already finished; nothing to do (use --no-resume to retrain)")
-        return {**base, "already_done": True}
+        return {**base, "losses": state["losses"], "already_done": True}
 
     def checkpoint():
         if acc.is_main_process:

@@ -37,8 +37,9 @@ import numpy as np
 import pandas as pd
 
 from ulmrec.config import from_dict, parse_config
-from ulmrec.decode import (CatalogueNames, DecodeSettings, catalogue_vocab, centroids, decode_indices, diversity,
-                           own_retrieval, prefix_fidelity, sample_negatives)
+from ulmrec.decode import (CatalogueNames, DecodeSettings, catalogue_vocab, centroids,
+                           decode_indices, diversity, own_retrieval, prefix_fidelity,
+                           sample_negatives)
 from ulmrec.indexing.table import level_letter, parse_token_string, token_string
 from ulmrec.paths import atomic_write, atomic_write_json, display_path, repo_path
 from ulmrec.report import markdown_table
@@ -292,11 +293,10 @@ def results_table(payload: dict) -> str:
         same = " (= the reference text: an upper bound)" if system == "extractive" and \
             ref.get("name") == "extractive" else ""
         rows.append([f"{SYSTEMS.get(system, system)}{same}"] + [f"{res[k]:.3f}" for k, _ in cols])
-    chance = first
     rows.append(["chance", f"{payload['meta']['own_mrr_chance']:.3f}",
                  f"{1 / payload['meta']['own_candidates']:.3f}",
                  f"{min(1.0, 10 / payload['meta']['own_candidates']):.3f}"]
-                + [f"{chance[f'level_{lv}_chance']:.3f}" for lv in levels] + [""] * (len(cols) - 3 - len(levels)))
+                + [f"{first[f'level_{lv}_chance']:.3f}" for lv in levels] + [""] * (len(cols) - 3 - len(levels)))
     lines.append(markdown_table(["system"] + [c[1] for c in cols], rows, "l" + "r" * len(cols)))
     lines += ["", f"Own retrieval: the full-index text vs the user's reference and "
               f"{payload['meta']['own_candidates'] - 1} other users' (MiniLM cosine, ties count "

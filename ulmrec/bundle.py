@@ -27,7 +27,7 @@ from .config import from_dict
 from .data import DataError, load_dataset
 from .data.dataset import data_root
 from .decode import DecodeSettings, decode_indices
-from .fusion import fuse
+from .fusion import fuse, log_softmax
 from .hub import download_bundle
 from .indexing.table import parse_token_string
 from .live import Indexer, LiveRetriever, recommend
@@ -314,16 +314,15 @@ class Bundle:
                                   "title": [titles[i] for i in ex.candidates],
                                   "score": s[:n], "prob": p[:n],
                                   "retriever_rank": range(1, n + 1)})
+            retr = np.asarray(retriever_scores[k], dtype=np.float64)[:n]
             if cfg.residual and cfg.residual_weight is not None:
                 # a residual ranker was trained (and evaluated) as one sum, log p_LLM + w ·
                 # log-softmax(retriever): serve that sum; its LLM term stays beside it
-                retr = np.asarray(retriever_scores[k], dtype=np.float64)[None, :n]
-                summed = fuse(p[None, :n], retr, cfg.residual_weight)[0]
+                summed = fuse(p[None, :n], retr[None], cfg.residual_weight)        # [1, n]
                 frame["llm_prob"] = frame["prob"]
-                frame["prob"] = np.exp(summed - np.logaddexp.reduce(summed))
+                frame["prob"] = np.exp(log_softmax(summed))[0]
             frame["llm_rank"] = frame["prob"].rank(ascending=False, method="first").astype(int)
             if fusion is not None:
-                retr = np.asarray(retriever_scores[k], dtype=np.float64)[:n]
                 frame["fused_score"] = fuse(frame["prob"].to_numpy()[None], retr[None], fusion["lambda"])[0]
                 frame["fused_rank"] = frame["fused_score"].rank(ascending=False, method="first").astype(int)
             target = None if targets is None else targets[k]

@@ -108,8 +108,8 @@ class Inputs:
 def _load_bundle(cfg: DecodeBenchConfig) -> Inputs:
     from ulmrec.bundle import load_bundle
     b = load_bundle(cfg.bundle)
-    if b.manifest.get("index_kind") not in ("pid", "release"):
-        raise SystemExit(f"{cfg.bundle}: index kind '{b.manifest.get('index_kind')}' has no "
+    if b.manifest.index_kind not in ("pid", "release"):
+        raise SystemExit(f"{cfg.bundle}: index kind '{b.manifest.index_kind}' has no "
                          "semantic index to decode")
     model = tok = fmt = None
     if not cfg.references_only:         # its decode/ adapter when it has one, else the ranker
@@ -117,8 +117,8 @@ def _load_bundle(cfg: DecodeBenchConfig) -> Inputs:
     index = b.users.set_index("user")["index"].dropna().astype(str)
     return Inputs(b.dataset, model, tok, fmt, index,
                   {"bundle": display_path(b.root),
-                   "run": (b.manifest.get("decode") or {}).get("run") or b.manifest.get("run"),
-                   "preference_source": b.manifest.get("preference_source"), "notes": b.notes})
+                   "run": (b.manifest.decode or {}).get("run") or b.manifest.run,
+                   "preference_source": b.manifest.preference_source, "notes": b.notes})
 
 
 def _adapter_folder(path: Path) -> Path:

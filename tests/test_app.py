@@ -130,7 +130,7 @@ def test_outcome_counts_and_a_filter_for_each_group(data):
     retriever (up / same / down): counted on the page and browsable through the filter."""
     from ulmrec.app import logic, ui
     out = data.bundle.outcomes
-    assert out is not None and len(out) == data.bundle.manifest["outcomes"]["users"] > 0
+    assert out is not None and len(out) == data.bundle.manifest.outcomes["users"] > 0
     n = out["moved"].value_counts()
     text = logic.outcome_counts(data)
     assert f"{len(out):,} evaluated test users" in text
@@ -378,7 +378,7 @@ def test_missed_target_scores_zero_and_says_so(data):
 
 def test_overview(data):
     from ulmrec.app import overview
-    run = data.bundle.manifest["run"]
+    run = data.bundle.manifest.run
     table = overview.results_table(data.bundle.metrics, run)
     systems = list(data.bundle.metrics["results"])
     assert len(table) == 2 * len(systems) and set(table["view"]) == {"Rank", "Overall"}
@@ -419,7 +419,7 @@ def test_overview_says_who_and_prints_no_machine_path(data):
     import dataclasses
     cmd = "python -m train.evaluate --config /home/someone/x/runs/g/pipeline/evaluate.yaml"
     metrics = {**data.bundle.metrics, "test_users": 200, "command": cmd}
-    cap = overview.results_caption(metrics, overview.results_table(metrics, data.bundle.manifest["run"]))
+    cap = overview.results_caption(metrics, overview.results_table(metrics, data.bundle.manifest.run))
     assert "python" not in cap and "`" not in cap and "200 sampled test users" in cap
     how = overview.reproduce_markdown(dataclasses.replace(data, bundle=dataclasses.replace(
         data.bundle, metrics=metrics)))
@@ -460,7 +460,7 @@ def test_overview_says_plainly_who_wins_and_explains_its_terms(data):
     assert overview.results_verdict(mixed) == "ULMRec scores best on 11 of the 12 metrics."
     assert overview.results_verdict(table(0.3, 0.3)) == ""            # all tie: nothing to say
     # the terms a visitor meets, in plain words
-    m = {**data.bundle.manifest, "index_kind": "release"}
+    m = dataclasses.replace(data.bundle.manifest, index_kind="release")
     release = dataclasses.replace(data, bundle=dataclasses.replace(data.bundle, manifest=m))
     assert "| index kind | release: the paper authors' published user indices" in overview.dataset_markdown(release)
     results = {k: {**r, "notes": [RELEASE_INDEX_NOTE]} for k, r in data.bundle.metrics["results"].items()}
@@ -704,7 +704,7 @@ def _with_many_users(data, copies: int):
                        for k in range(copies)], ignore_index=True)
     cands = pd.concat([b.candidates.assign(user=b.candidates["user"] + k * n) for k in range(copies)],
                       ignore_index=True)
-    return prepare(dataclasses.replace(b, users=users, candidates=cands, _inputs={},
+    return prepare(dataclasses.replace(b, users=users, candidates=cands, _task_inputs={},
                                        _model=b._model, _tok=b._tok))
 
 
@@ -738,10 +738,10 @@ def test_whole_catalogue_tab_generates_real_unseen_items(data):
     from ulmrec.app import catalogue
     from ulmrec.app.logic import AppError
     bundle = data.bundle
-    assert bundle.has_lcrec and bundle.manifest["lcrec"]["items"] == len(bundle.items)
-    assert "lcrec/adapter_model.safetensors" in bundle.manifest["files"]
+    assert bundle.has_lcrec and bundle.manifest.lcrec["items"] == len(bundle.items)
+    assert "lcrec/adapter_model.safetensors" in bundle.manifest.files
     # both parts add the same index tokens to the same tokenizer: one copy travels
-    assert bundle.manifest["lcrec"]["tokenizer"] == "shared"
+    assert bundle.manifest.lcrec["tokenizer"] == "shared"
     assert not (bundle.root / "lcrec" / "tokenizer.json").exists()
     user = int(data.users.index[7])
     summary, table = catalogue.catalogue_view(data, user)
@@ -793,7 +793,7 @@ def test_reexport_carries_the_lcrec_part_of_an_existing_bundle(data, tmp_path, m
     assert export.main(["--dataset", "gift-cards", "--run-name", "t", "--results-dir",
                         str(old.parent / "results"), "--out", str(out), "--lcrec", str(old / "lcrec")]) == 0
     again = load_bundle(out)
-    assert again.manifest["lcrec"] == data.bundle.manifest["lcrec"]
+    assert again.manifest.lcrec == data.bundle.manifest.lcrec
     assert filecmp.cmp(out / "lcrec" / "adapter_model.safetensors", old / "lcrec" / "adapter_model.safetensors",
                        shallow=False)
     assert again.lcrec_items.equals(data.bundle.lcrec_items)

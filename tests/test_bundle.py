@@ -60,8 +60,8 @@ def _reference_scores(root, users):
 @pytest.mark.parametrize("name", ["full", "lean"])
 def test_loaded_bundle_scores_like_the_run(trained, name):
     bundle = load_bundle(trained / name)
-    assert bundle.manifest["includes_data"] == (name == "full")
-    assert bundle.manifest["dataset"]["name"] == "gift-cards"
+    assert bundle.manifest.includes_data == (name == "full")
+    assert bundle.manifest.name == "gift-cards"
     users = bundle.candidates.query("split == 'test'")["user"].head(6).tolist()
     exs, ref = _reference_scores(trained, users)
     assert [e.user for e in exs] == [u for u in users if u in {e.user for e in exs}]
@@ -84,7 +84,7 @@ def test_outcomes_say_where_the_served_model_put_each_real_item(trained):
     bundle = load_bundle(trained / "lean")
     out = bundle.outcomes
     assert len(out) > 0 and set(out["moved"]) <= {"up", "same", "down"}
-    summary = bundle.manifest["outcomes"]
+    summary = bundle.manifest.outcomes
     assert summary["users"] == len(out)
     assert [summary[k] for k in ("up", "same", "down")] == \
         [int((out["moved"] == k).sum()) for k in ("up", "same", "down")]
@@ -125,8 +125,8 @@ def test_bundle_files_and_card(trained):
     metrics = json.loads((full / "metrics.json").read_text())
     assert f"{metrics['results']['t']['rank']['NDCG@10']:.4f}" in card
     manifest = verify_bundle(full)
-    assert manifest["backbone"]["id"] == "tiny-random-llama"
-    assert set(manifest["files"]) >= {"adapter_model.safetensors", "user_index.parquet", "README.md"}
+    assert manifest.backbone["id"] == "tiny-random-llama"
+    assert set(manifest.files) >= {"adapter_model.safetensors", "user_index.parquet", "README.md"}
     # a data-less bundle holds no titles, reviews or preference texts
     lean_text = b"".join(p.read_bytes() for p in lean.iterdir() if p.suffix == ".parquet")
     ds = load_dataset("gift-cards")
@@ -171,14 +171,14 @@ def test_the_shipped_demo_bundle_opens_with_the_shared_data():
     """assets/demo is what `make demo` serves: complete, data-less, joined with gift-cards."""
     from ulmrec.paths import REPO_ROOT
     manifest = verify_bundle(REPO_ROOT / "assets" / "demo")
-    assert not manifest["includes_data"] and manifest["backbone"]["source"] == "embedded"
+    assert not manifest.includes_data and manifest.backbone["source"] == "embedded"
     bundle = load_bundle()                       # the default source is assets/demo
     ds = load_dataset("gift-cards")
     assert len(bundle.users) == ds.num_users and bundle.users["index"].notna().all()
     assert bundle.users["index"].is_unique      # collision-free user indices
     test = bundle.candidates.query("split == 'test'")
     assert len(test) == ds.num_users and all(len(c) == 20 for c in test["candidates"])
-    assert bundle.metrics["results"][manifest["run"]]["rank"]["NDCG@10"] > 0
+    assert bundle.metrics["results"][manifest.run]["rank"]["NDCG@10"] > 0
 
 
 def test_missing_embedded_backbone_falls_back_to_the_hub_only_when_online(monkeypatch):
@@ -284,7 +284,7 @@ def test_decode_adapter_travels_in_the_bundle_and_writes_the_ladder(trained):
         common = ["--dataset", "gift-cards", "--run-name", "t", "--results-dir", str(trained / "results")]
         assert export.main(common + ["--out", str(trained / "dec"), "--decode", "dec"]) == 0
         bundle = load_bundle(trained / "dec")
-        assert bundle.manifest["decode"]["prompt_format"] == "alpaca"
+        assert bundle.manifest.decode["prompt_format"] == "alpaca"
         assert (trained / "dec" / "decode" / "adapter_model.safetensors").is_file()
         model, tok, fmt = bundle.decoder()
         assert fmt == "alpaca" and model is not bundle.model()[0]

@@ -16,7 +16,8 @@ from fake_hub import FakeHub
 from huggingface_hub import constants
 
 from train import push as push_cli
-from ulmrec.bundle_format import FORMAT, LCREC_DIR, LCREC_FILES, MANIFEST, REQUIRED_FILES, BundleError
+from ulmrec.bundle_format import (FORMAT, LCREC_DIR, LCREC_FILES, MANIFEST, REQUIRED_FILES, BundleError,
+                                  read_manifest)
 from ulmrec.paths import sha256_file
 from ulmrec.hub import HubError, default_commit_message, download_bundle, push_bundle
 
@@ -265,9 +266,9 @@ def test_download_errors(hub, bundle, monkeypatch):
 
 def test_default_commit_message_picks_the_run_or_first_trained_system(tmp_path):
     folder = write_bundle(tmp_path / "b")
-    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest = read_manifest(folder)
     assert "Rank NDCG@10 0.3125" in default_commit_message(folder, manifest)
-    manifest.pop("run")
+    manifest.run = None
     assert "Rank NDCG@10 0.3125" in default_commit_message(folder, manifest)  # baselines skipped
     (folder / "metrics.json").write_text("{not json")
     assert default_commit_message(folder, manifest) == "ULMRec bundle for gift-cards"
@@ -321,3 +322,20 @@ def test_validate_yaml_route_checks_the_card(hub):
     assert ok.status_code == 200 and ok.json()["errors"] == []
     bad = httpx.post(f"{hub.url}/api/validate-yaml", json={"content": "---\nbase_model: /abs/path\n---\n"})
     assert bad.status_code == 400 and "base_model" in bad.json()["error"]
+
+
+def test_the_manifest_round_trips_and_names_what_is_wrong(tmp_path):
+    folder = write_bundle(tmp_path / "b", lcrec=True)
+    manifest = read_manifest(folder)
+    assert manifest.name == "gift-cards" and manifest.lcrec["items"] == 3 and manifest.decode is None
+    assert read_manifest(folder).to_dict() == manifest.to_dict()
+    assert "decode" not in manifest.to_dict()                     # absent parts stay absent
+    raw = json.loads((folder / MANIFEST).read_text())
+    (folder / MANIFEST).write_text(json.dumps({**raw, "a_newer_part": {"x": 1}}))
+    assert read_manifest(folder) == manifest                      # a newer writer's key is skipped
+    (folder / MANIFEST).write_text(json.dumps({k: v for k, v in raw.items() if k != "dataset"}))
+    with pytest.raises(BundleError, match="bundle.json: 'dataset' missing"):
+        read_manifest(folder)
+    (folder / MANIFEST).write_text("[1, 2]")
+    with pytest.raises(BundleError, match="expected a mapping"):
+        read_manifest(folder)

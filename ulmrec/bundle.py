@@ -18,11 +18,10 @@ import numpy as np
 import pandas as pd
 
 from .backbone import embedded_gguf, is_embedded, require_installed
-# the file format lives in bundle_format (the Hub client needs it, and nothing of the service)
-from .bundle_format import (DATA_FILES, DECODE_DIR, DECODE_FILES, FORMAT, LCREC_DIR,  # noqa: F401
-                            INDEXER_DIR, LCREC_FILES, LCREC_TOKENIZER, MANIFEST, OUTCOMES,
-                            REQUIRED_FILES, RETRIEVER_DIR, TOKENIZER_FILES,
-                            TOKENIZER_REF, BundleError, verify_bundle)
+# the file format lives in bundle_format (the Hub client needs it, and nothing of the service);
+# BundleError and verify_bundle are also this module's public names
+from .bundle_format import (DECODE_DIR, INDEXER_DIR, LCREC_DIR, OUTCOMES, RETRIEVER_DIR,
+                            BundleError, Manifest, verify_bundle)
 from .config import from_dict
 from .data import DataError, load_dataset
 from .data.dataset import data_root
@@ -72,11 +71,11 @@ def dataset_tables(ds, preference: pd.Series | None) -> tuple[pd.DataFrame, pd.D
     return items, users
 
 
-def _load_data(manifest: dict, root: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+def _load_data(manifest: Manifest, root: Path) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """The bundle's own items/users tables, or the same tables built from ULMREC_DATA."""
-    if manifest.get("includes_data"):
+    if manifest.includes_data:
         return pd.read_parquet(root / "items.parquet"), pd.read_parquet(root / "users.parquet"), []
-    name = manifest["dataset"]["name"]
+    name = manifest.name
     try:
         ds = load_dataset(name)
     except (FileNotFoundError, DataError, ValueError) as e:
@@ -85,11 +84,11 @@ def _load_data(manifest: dict, root: Path) -> tuple[pd.DataFrame, pd.DataFrame, 
             f"(set ULMREC_DATA to the folder that holds it, e.g. ../shared/data with "
             f"amazon2018-gift-cards-5core/ inside). Loading failed: {e}") from None
     notes = []
-    want = manifest["dataset"].get("fingerprint")
+    want = manifest.dataset.get("fingerprint")
     if want and ds.info.get("fingerprint") != want:
         notes.append(f"dataset fingerprint {ds.info.get('fingerprint')} differs from the bundle's "
                      f"{want}: ids may not line up")
-    pref, pref_note = _preferences(ds, manifest.get("preference_source", "none"))
+    pref, pref_note = _preferences(ds, manifest.preference_source)
     notes += pref_note
     items, users = dataset_tables(ds, pref)
     return items, users, notes
@@ -118,7 +117,7 @@ class ServeConfig(RankerConfig, TaskConfig):
 class Bundle:
     """A loaded bundle: tables keyed by dense ids, the config, and a lazily loaded model."""
     root: Path
-    manifest: dict
+    manifest: Manifest
     config: dict
     items: pd.DataFrame            # item, asin, title
     users: pd.DataFrame            # user, reviewerID, history, target, preference, index, a..d
@@ -131,12 +130,15 @@ class Bundle:
     _lcrec: tuple | None = field(default=None, repr=False)
     _decoder: tuple | None = field(default=None, repr=False)
     _tok: object = field(default=None, repr=False)
+    _retriever: object = field(default=None, repr=False)
+    _indexer: object = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _inputs: dict = field(default_factory=dict, repr=False)
+    # prompt inputs per (title words, index kind, item tokens): prompts differ only in these
+    _task_inputs: dict = field(default_factory=dict, repr=False)
 
     @property
     def dataset(self) -> str:
-        return self.manifest["dataset"]["name"]
+        return self.manifest.name
 
     def ranker_config(self, **overrides):
         """The ranker + task settings the adapter was trained with (+ overrides such as no_history)."""
@@ -155,10 +157,11 @@ class Bundle:
 
     def lcrec_config(self) -> dict:
         """The LC-Rec part's training config, read once (a copy: callers may change it)."""
-        if "lcrec_config" not in self._inputs:
-            self._inputs["lcrec_config"] = json.loads(
-                (self.root / LCREC_DIR / "lcrec_config.json").read_text())
-        return dict(self._inputs["lcrec_config"])
+        return dict(self._lcrec_config)
+
+    @cached_property
+    def _lcrec_config(self) -> dict:
+        return json.loads((self.root / LCREC_DIR / "lcrec_config.json").read_text())
 
     def lcrec_model(self):
         """(model, tokenizer) of the LC-Rec part, loaded once (a second copy of the backbone:
@@ -169,8 +172,8 @@ class Bundle:
             if self._lcrec is None:
                 cfg = self.lcrec_config()
                 # the same fallback as the ranker's when the embedded backbone is missing
-                _backbone_source({"backbone": self.manifest["lcrec"].get("backbone", {})}, cfg)
-                shared = self.manifest["lcrec"].get("tokenizer", "own") == "shared"
+                _backbone_source(self.manifest.lcrec.get("backbone", {}), cfg)
+                shared = self.manifest.lcrec.get("tokenizer", "own") == "shared"
                 self._lcrec = load_ranker(self.root / LCREC_DIR,
                                           from_dict(RankerConfig, cfg, known_only=True),
                                           tokenizer_dir=self.root if shared else None)
@@ -178,7 +181,7 @@ class Bundle:
 
     @property
     def has_decoder(self) -> bool:
-        return bool(self.manifest.get("decode"))
+        return bool(self.manifest.decode)
 
     def decoder(self):
         """(model, tokenizer, prompt format) that decode() uses: the bundle's decode/ adapter
@@ -190,8 +193,8 @@ class Bundle:
             if self._decoder is None:
                 part = self.root / DECODE_DIR
                 cfg = json.loads((part / "ulmrec_config.json").read_text())
-                _backbone_source(self.manifest, cfg)
-                shared = self.manifest["decode"].get("tokenizer", "own") == "shared"
+                _backbone_source(self.manifest.backbone, cfg)
+                shared = self.manifest.decode.get("tokenizer", "own") == "shared"
                 model, tok = load_ranker(part, from_dict(RankerConfig, cfg, known_only=True),
                                          tokenizer_dir=self.root if shared else None)
                 self._decoder = (model, tok, cfg.get("prompt_format", "chat"))
@@ -231,20 +234,22 @@ class Bundle:
         return table.loc[uid]
 
     def titles(self) -> dict[int, str]:
-        if "titles" not in self._inputs:
-            self._inputs["titles"] = dict(zip(self.items["item"].astype(int), self.items["title"]))
-        return self._inputs["titles"]
+        return self._titles
+
+    @cached_property
+    def _titles(self) -> dict[int, str]:
+        return dict(zip(self.items["item"].astype(int), self.items["title"]))
 
     def task_inputs(self, cfg):
         """Prompt inputs from the bundle's tables, built once per title length."""
         key = (cfg.max_title_words, cfg.index_kind, cfg.item_tokens)
-        if key not in self._inputs:
+        if key not in self._task_inputs:
             users = self.users.set_index("user")
             titles = prompt_titles(self.titles(), cfg.max_title_words, cfg.item_tokens)
             index = users["index"] if cfg.index_kind != "none" else None
-            self._inputs[key] = TaskInputs(titles, users["history"].map(list), None, index,
-                                           users["preference"], int(self.items["item"].max()))
-        return self._inputs[key]
+            self._task_inputs[key] = TaskInputs(titles, users["history"].map(list), None, index,
+                                                users["preference"], int(self.items["item"].max()))
+        return self._task_inputs[key]
 
     def examples(self, users: list[int], split: str = "test", no_history: bool = False):
         """Next-item inference prompts for `users` over their retrieved candidates."""
@@ -334,11 +339,11 @@ class Bundle:
 
     @property
     def has_retriever(self) -> bool:
-        return bool(self.manifest.get("live", {}).get("retriever"))
+        return bool(self.manifest.live.get("retriever"))
 
     @property
     def has_indexer(self) -> bool:
-        return bool(self.manifest.get("live", {}).get("indexer"))
+        return bool(self.manifest.live.get("indexer"))
 
     def live_retriever(self):
         """The bundle's retriever (retriever/), loaded once: top-20 for any history."""
@@ -346,19 +351,19 @@ class Bundle:
             raise BundleError(f"{self.root}: this bundle carries no retriever ({RETRIEVER_DIR}/): "
                               "re-export it with this version to serve new histories")
         with self._lock:
-            if "retriever" not in self._inputs:
+            if self._retriever is None:
                 asin_to_item = dict(zip(self.items["asin"].astype(str), self.items["item"].astype(int)))
-                self._inputs["retriever"] = LiveRetriever.load(self.root / RETRIEVER_DIR, asin_to_item)
-            return self._inputs["retriever"]
+                self._retriever = LiveRetriever.load(self.root / RETRIEVER_DIR, asin_to_item)
+            return self._retriever
 
     def indexer(self):
         """The bundle's indexer (indexer/: eq. 1 + RQ-VAE), loaded once."""
         if not self.has_indexer:
             raise BundleError(f"{self.root}: this bundle carries no indexer ({INDEXER_DIR}/)")
         with self._lock:
-            if "indexer" not in self._inputs:
-                self._inputs["indexer"] = Indexer.load(self.root / INDEXER_DIR)
-            return self._inputs["indexer"]
+            if self._indexer is None:
+                self._indexer = Indexer.load(self.root / INDEXER_DIR)
+            return self._indexer
 
     def recommend(self, history, text: str | None = None, ladder: bool = True):
         """A new user's 20 ranked candidates, index and decoded ladder (ulmrec.live.recommend):
@@ -380,10 +385,10 @@ class Bundle:
         return decode_indices(model, tok, indices, fmt, settings)
 
 
-def _backbone_source(manifest: dict, config: dict) -> list[str]:
+def _backbone_source(ref: dict, config: dict) -> list[str]:
     """Where the embedded default backbone's package is missing (a Space installs only
-    requirements.txt), use the same model from the Hub when online; say so."""
-    ref = manifest.get("backbone", {})
+    requirements.txt), use the same model from the Hub when online; say so. `ref`: the
+    manifest's backbone reference (or a second adapter's)."""
     name = config.get("backbone")
     if ref.get("source") != "embedded" or (name and not is_embedded(name)):
         return []
@@ -412,7 +417,7 @@ def load_bundle(source: str | Path | None = None, check_hashes: bool = True) -> 
     manifest = verify_bundle(root, check_hashes)
     config = json.loads((root / "ulmrec_config.json").read_text())
     items, users, notes = _load_data(manifest, root)
-    notes += _backbone_source(manifest, config)
+    notes += _backbone_source(manifest.backbone, config)
     asin_to_item = dict(zip(items["asin"], items["item"].astype(int)))
     rid_to_user = dict(zip(users["reviewerID"], users["user"].astype(int)))
 
@@ -432,10 +437,10 @@ def load_bundle(source: str | Path | None = None, check_hashes: bool = True) -> 
                           f"dataset (e.g. {sorted(missing_items)[:3]})")
     cands["candidates"] = [[asin_to_item[a] for a in c] for c in cands["candidates"]]
     metrics = json.loads((root / "metrics.json").read_text())
-    lcrec_items = _lcrec_items(root, manifest, asin_to_item) if manifest.get("lcrec") else None
-    outcomes = _outcomes(root, rid_to_user) if manifest.get("outcomes") else None
-    log.info("bundle %s: %s, %d users, %d items%s", root, manifest["dataset"]["name"], len(users),
-             len(items), "" if manifest.get("includes_data") else " (data joined from ULMREC_DATA)")
+    lcrec_items = _lcrec_items(root, manifest, asin_to_item) if manifest.lcrec else None
+    outcomes = _outcomes(root, rid_to_user) if manifest.outcomes else None
+    log.info("bundle %s: %s, %d users, %d items%s", root, manifest.name, len(users),
+             len(items), "" if manifest.includes_data else " (data joined from ULMREC_DATA)")
     return Bundle(root, manifest, config, items, users, cands, metrics, notes, lcrec_items,
                   outcomes)
 
@@ -451,7 +456,7 @@ def _outcomes(root: Path, rid_to_user: dict) -> pd.DataFrame:
     return table
 
 
-def _lcrec_items(root: Path, manifest: dict, asin_to_item: dict) -> pd.DataFrame:
+def _lcrec_items(root: Path, manifest: Manifest, asin_to_item: dict) -> pd.DataFrame:
     """The LC-Rec item index keyed by this dataset's dense item ids."""
     path = root / LCREC_DIR / "item_index.parquet"
     table = pd.read_parquet(path)

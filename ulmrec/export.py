@@ -28,8 +28,8 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .backbone import embedded_reference, is_embedded, load_tokenizer
 from .bundle import ServeConfig, dataset_tables
-from .bundle_format import (DECODE_DIR, FORMAT, INDEXER_DIR, LCREC_DIR, MANIFEST, MOVES, OUTCOMES,
-                            RETRIEVER_DIR, verify_bundle)
+from .bundle_format import (DECODE_DIR, INDEXER_DIR, LCREC_DIR, MANIFEST, MOVES, OUTCOMES,
+                            RETRIEVER_DIR, Manifest, verify_bundle)
 from .config import from_dict
 from .data import load_dataset
 from .evaluate import results_stem
@@ -289,16 +289,16 @@ def _indexer_part(ds, src: Path, part: Path) -> dict:
             "text_kind": text_kind, "leak_prone": summary.get("leak_prone", False)}
 
 
-def model_card(manifest: dict, metrics: dict, repo_id: str | None, base_id: str | None = None,
+def model_card(manifest: Manifest, metrics: dict, repo_id: str | None, base_id: str | None = None,
                standard_tokenizer: bool = True) -> str:
     """Hub model card (ulmrec.hubcard) + the LC-Rec part and the data note of this bundle."""
     card = hub_model_card(manifest, metrics, repo_id, base_id, standard_tokenizer)
-    tail = _lcrec_card(manifest.get("lcrec"))
-    if manifest.get("decode"):
+    tail = _lcrec_card(manifest.lcrec)
+    if manifest.decode:
         tail += (f"\n## Decoding a user index\n\n`{DECODE_DIR}/` holds a second adapter trained to write a "
                  f"user's preferences from their index or any prefix of it "
-                 f"({manifest['decode']['prompt_format']} prompts): `bundle.decode('<a_1><b_2>')`.\n")
-    if not manifest["includes_data"]:
+                 f"({manifest.decode['prompt_format']} prompts): `bundle.decode('<a_1><b_2>')`.\n")
+    if not manifest.includes_data:
         tail += "\nThis bundle carries no data: it is joined at load time with the dataset under ULMREC_DATA.\n"
     return card.rstrip("\n") + "\n\n" + tail if tail else card
 
@@ -349,52 +349,49 @@ def export(cfg: ExportConfig) -> Path:
             items, users = dataset_tables(ds, prefs)
             items.to_parquet(tmp / "items.parquet", index=False)
             users.to_parquet(tmp / "users.parquet", index=False)
-        manifest = {
-            "format": FORMAT, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "ulmrec_version": __version__, "run": cfg.run_name, "adapter": cfg.adapter,
-            "dataset": {"name": ds.name, "fingerprint": ds.info.get("fingerprint"),
-                        **{k: v for k, v in ds.stats().items() if k in ("users", "items", "interactions")}},
-            "backbone": backbone_reference(run_cfg_dict), "index_kind": run_cfg.index_kind,
-            "preference_source": run_cfg.preference_source, "retriever": run_cfg.retriever,
-            "load_in_4bit": run_cfg.load_in_4bit, "includes_data": cfg.include_data,
-        }
+        manifest = Manifest(
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            ulmrec_version=__version__, run=cfg.run_name, adapter=cfg.adapter,
+            dataset={"name": ds.name, "fingerprint": ds.info.get("fingerprint"),
+                     **{k: v for k, v in ds.stats().items() if k in ("users", "items", "interactions")}},
+            backbone=backbone_reference(run_cfg_dict), index_kind=run_cfg.index_kind,
+            preference_source=run_cfg.preference_source, retriever=run_cfg.retriever,
+            load_in_4bit=run_cfg.load_in_4bit, includes_data=cfg.include_data)
         if lcrec:
             adapter, lc_cfg, items, result = lcrec
             part, shared = _copy_part(adapter, src, tmp / LCREC_DIR, "lcrec_config.json")
             items.to_parquet(part / "item_index.parquet", index=False)
             (part / "metrics.json").write_text(json.dumps(result, indent=1))
-            manifest["lcrec"] = {"items": len(items), "tokenizer": "shared" if shared else "own",
-                                 "split": result["split"], "users": result["users"],
-                                 "metrics": result["metrics"], "backbone": backbone_reference(lc_cfg)}
+            manifest.lcrec = {"items": len(items), "tokenizer": "shared" if shared else "own",
+                              "split": result["split"], "users": result["users"],
+                              "metrics": result["metrics"], "backbone": backbone_reference(lc_cfg)}
         if outcomes is not None:
-            manifest["outcomes"] = outcomes[1]
-        live = _live_parts(ds, run_cfg, tmp)
-        if live:
-            manifest["live"] = live
+            manifest.outcomes = outcomes[1]
+        manifest.live = _live_parts(ds, run_cfg, tmp)
         if decode:
             dsrc, dcfg = decode
             _, shared = _copy_part(dsrc, src, tmp / DECODE_DIR, "ulmrec_config.json")
-            manifest["decode"] = {"run": cfg.decode, "adapter": cfg.decode_adapter,
-                                  "tokenizer": "shared" if shared else "own",
-                                  "prompt_format": dcfg.get("prompt_format"),
-                                  "tasks": dcfg.get("tasks"), "max_steps": dcfg.get("max_steps"),
-                                  "backbone": backbone_reference(dcfg)}
+            manifest.decode = {"run": cfg.decode, "adapter": cfg.decode_adapter,
+                               "tokenizer": "shared" if shared else "own",
+                               "prompt_format": dcfg.get("prompt_format"),
+                               "tasks": dcfg.get("tasks"), "max_steps": dcfg.get("max_steps"),
+                               "backbone": backbone_reference(dcfg)}
         # standard tools read the base from adapter_config.json: its Hub id, never a local path
-        base_id = cfg.base_model or hub_base_id(manifest["backbone"], run_cfg_dict)
+        base_id = cfg.base_model or hub_base_id(manifest.backbone, run_cfg_dict)
         if base_id is None:
             log.warning("no Hub id known for the base model %s: adapter_config.json will name none "
-                        "(pass --base-model owner/name)", manifest["backbone"].get("id"))
-        manifest["base_model"] = base_id
+                        "(pass --base-model owner/name)", manifest.backbone.get("id"))
+        manifest.base_model = base_id
         if cfg.full_tokenizer and not (tmp / "tokenizer.json").exists():
             # standard tools cannot read tokenizer_ref.json: write the tokenizer itself too
             load_tokenizer(src).save_pretrained(tmp)
         clean_for_hub(tmp, base_id)
-        manifest = scrub(manifest)
+        manifest = Manifest.from_dict(scrub(manifest.to_dict()))
         (tmp / "README.md").write_text(model_card(manifest, metrics, cfg.repo_id, base_id,
                                                   (tmp / "tokenizer.json").exists()))
-        manifest["files"] = {p.relative_to(tmp).as_posix(): sha256_file(p)
-                             for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        manifest.files = {p.relative_to(tmp).as_posix(): sha256_file(p)
+                          for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=1))
         verify_bundle(tmp)
 
     atomic_dir(out, fill)

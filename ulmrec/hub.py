@@ -25,7 +25,7 @@ from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, LocalEntr
                                     OfflineModeIsEnabled, RepositoryNotFoundError,
                                     RevisionNotFoundError)
 
-from .bundle_format import BundleError, verify_bundle
+from .bundle_format import BundleError, Manifest, verify_bundle
 from .hubcard import machine_paths
 from .paths import is_offline
 
@@ -113,12 +113,10 @@ def download_bundle(repo_id: str, revision: str | None = None, token: str | None
     return folder
 
 
-def default_commit_message(folder: Path, manifest: dict) -> str:
+def default_commit_message(folder: Path, manifest: Manifest) -> str:
     """'ULMRec bundle for <dataset>: Rank NDCG@10 x, Overall NDCG@10 y' (metrics when readable)."""
-    dataset = manifest.get("dataset", {})
-    name = dataset.get("name", "?") if isinstance(dataset, dict) else str(dataset)
-    head = f"ULMRec bundle for {name}"
-    scores = headline_metrics(folder / "metrics.json", manifest.get("run"))
+    head = f"ULMRec bundle for {manifest.name}"
+    scores = headline_metrics(folder / "metrics.json", manifest.run)
     return f"{head}: {scores}" if scores else head
 
 

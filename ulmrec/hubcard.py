@@ -147,14 +147,14 @@ def machine_paths(folder: Path) -> dict[str, str]:
     return found
 
 
-def model_card(manifest: dict, metrics: dict, repo_id: str | None, base_id: str | None = None,
+def model_card(manifest, metrics: dict, repo_id: str | None, base_id: str | None = None,
                standard_tokenizer: bool = True) -> str:
     """Hub model card: YAML metadata (license, pipeline_tag, base_model, library_name peft,
     tags, model-index from the real evaluation) + what it is, its results and how to load it."""
-    ds = manifest["dataset"]["name"]
-    run = manifest["run"]
+    ds = manifest.name
+    run = manifest.run
     res = metrics["results"][run]
-    base = base_id or manifest["backbone"].get("id", "?")
+    base = base_id or manifest.backbone.get("id", "?")
     data_name = f"Amazon {ds} (leave-one-out test)"
     evals = [EvalResult(task_type="text-ranking", task_name="Sequential recommendation (top-20 re-ranking)",
                         dataset_type=f"amazon-{ds}", dataset_name=data_name,
@@ -184,9 +184,9 @@ def model_card(manifest: dict, metrics: dict, repo_id: str | None, base_id: str 
 # ULMRec ranker for {ds}
 
 A LoRA adapter (+ 1,024 user-index tokens) for `{base}` that re-ranks the 20 candidates of a
-retriever ({manifest['retriever']}) by the next-token probabilities of the letters A–T, trained on
-six user-centric alignment tasks (ULMRec). Index kind: `{manifest['index_kind']}`; preferences:
-`{manifest['preference_source']}`. Data: {data_name}.
+retriever ({manifest.retriever}) by the next-token probabilities of the letters A–T, trained on
+six user-centric alignment tasks (ULMRec). Index kind: `{manifest.index_kind}`; preferences:
+`{manifest.preference_source}`. Data: {data_name}.
 
 ## Test results ({metrics.get('test_users', '?')} users)
 

@@ -245,7 +245,7 @@ def recommend(bundle, history, text: str | None = None, ladder: bool = True,
         notes.append(f"the retriever reads the last {retriever.max_len} items")
     cands, scores = retriever.top(items, bundle.ranker_config().num_candidates)
     titles = bundle.titles()
-    kind = bundle.manifest.get("index_kind")
+    kind = bundle.manifest.index_kind
     rec = Recommendation(items, notes, pd.DataFrame())
     codes_table = bundle.users[[c for c in "abcd" if c in bundle.users]].to_numpy() \
         if kind in ("pid", "release") else None
@@ -259,7 +259,7 @@ def recommend(bundle, history, text: str | None = None, ladder: bool = True,
         model, tok, fmt = bundle.decoder()
         levels = codes_table.shape[1]
         cfg = bundle.ranker_config()
-        size = bundle.manifest.get("live", {}).get("indexer", {}).get("codebook_size", 256)
+        size = bundle.manifest.live.get("indexer", {}).get("codebook_size", 256)
         pred = predict_index(model, tok, fmt, [titles[i] for i in items[-cfg.max_history:]],
                              levels, size, cfg.max_len)
         rec.predicted_index = token_string(pred)

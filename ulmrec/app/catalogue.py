@@ -31,7 +31,7 @@ def catalogue_view(data: AppData, user: int, n: int = TOPN) -> tuple[str, pd.Dat
     """(summary markdown, table of the generated items) for one user."""
     lcrec_ready(data)
     frame = data.bundle.recommend_catalogue(user, n=n)
-    part = data.bundle.manifest["lcrec"]
+    part = data.bundle.manifest.lcrec
     hit = frame.index[frame["is_target"]]
     target = int(data.bundle.users.set_index("user").at[user, "target"])
     found = (f"ground truth at rank **{int(frame.loc[hit[0], 'rank'])}**" if len(hit) else

@@ -259,7 +259,7 @@ def history_markdown(data: AppData, user: int, shown: int = 30) -> str:
 
 def _need_codes(data: AppData) -> None:
     if not data.levels:
-        raise AppError(f"this bundle's index kind is '{data.bundle.manifest.get('index_kind')}': "
+        raise AppError(f"this bundle's index kind is '{data.bundle.manifest.index_kind}': "
                        "it has no semantic codes (only P-ID bundles do)")
 
 
@@ -277,7 +277,7 @@ def index_chips(data: AppData, user: int) -> str:
     """The user's codes as coloured chips labelled with their level."""
     if not data.levels:
         index = data.bundle.users.set_index("user").at[user, "index"]
-        return (f"<div class='ulm-note'>index kind '{html.escape(str(data.bundle.manifest.get('index_kind')))}': "
+        return (f"<div class='ulm-note'>index kind '{html.escape(str(data.bundle.manifest.index_kind))}': "
                 f"<code>{html.escape(str(index))}</code> (no semantic codes)</div>")
     return chips_html(data.codes[_row_pos(data, user)])
 
@@ -372,9 +372,9 @@ def check_prefix(text: str, levels: int = MAX_LEVELS) -> str:
 def decode_prefix(data: AppData, text: str, max_new_tokens: int = LADDER_TOKENS) -> str:
     """The generated preference of any prefix: plain text, whole sentences (ulmrec.decode)."""
     prefix = check_prefix(text, len(data.levels) or MAX_LEVELS)
-    if data.bundle.manifest.get("index_kind") not in ("pid", "release"):
+    if data.bundle.manifest.index_kind not in ("pid", "release"):
         raise AppError("this bundle was trained without index tokens (index kind "
-                       f"'{data.bundle.manifest.get('index_kind')}'): nothing to decode")
+                       f"'{data.bundle.manifest.index_kind}'): nothing to decode")
     warm_decoder(data)
     return data.bundle.decode(prefix, max_new_tokens=max_new_tokens) or "(empty)"
 

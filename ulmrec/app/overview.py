@@ -52,7 +52,7 @@ INDEX_KINDS = {
 
 def dataset_markdown(data: AppData) -> str:
     m = data.bundle.manifest
-    ds = m.get("dataset", {})
+    ds = m.dataset
     users, items, inter = ds.get("users"), ds.get("items"), ds.get("interactions")
     sparsity = (f"{1 - inter / (users * items):.2%}" if users and items and inter else "—")
     retrieved = (f"{data.users['retrieved'].mean():.1%} of "
@@ -61,11 +61,11 @@ def dataset_markdown(data: AppData) -> str:
             ("interactions", inter), ("avg. length", f"{inter / users:.2f}" if users and inter else "—"),
             ("sparsity", sparsity),
             ("users with retrieved target", retrieved),
-            ("backbone", m.get("backbone", {}).get("id", "—")),
-            ("index kind", index_kind_text(m.get("index_kind"))),
-            ("retriever", m.get("retriever", "—")),
-            ("preferences", m.get("preference_source", "—")),
-            ("data", "carried in the bundle" if m.get("includes_data") else "joined from ULMREC_DATA")]
+            ("backbone", m.backbone.get("id", "—")),
+            ("index kind", index_kind_text(m.index_kind)),
+            ("retriever", m.retriever or "—"),
+            ("preferences", m.preference_source or "—"),
+            ("data", "carried in the bundle" if m.includes_data else "joined from ULMREC_DATA")]
     lines = [f"| {k} | {v if v is not None else '—'} |" for k, v in rows]
     return "| statistic | value |\n|---|---|\n" + "\n".join(lines)
 
@@ -212,7 +212,7 @@ def codebook_chart(data: AppData) -> go.Figure:
     titles = ("distinct codes used per level", "users per code (used codes)")
     fig = make_subplots(rows=1, cols=2, subplot_titles=titles)
     if not data.levels:
-        fig.add_annotation(text=f"index kind '{data.bundle.manifest.get('index_kind')}': no codes",
+        fig.add_annotation(text=f"index kind '{data.bundle.manifest.index_kind}': no codes",
                            showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
         return fig
     usage = codebook_usage(data)
@@ -252,7 +252,7 @@ def notes_markdown(data: AppData) -> str:
     (each note once, with the systems it applies to when not all of them)."""
     shown = [_plain(n) for n in data.bundle.notes if not _same_source(n)]
     results = data.bundle.metrics.get("results") or {}
-    run = data.bundle.manifest.get("run")
+    run = data.bundle.manifest.run
     labels = system_labels(results, run)
     by_note: dict[str, list[str]] = {}
     for system, res in results.items():

@@ -99,7 +99,7 @@ def rank_columns(data: AppData) -> list[str]:
 
 
 def _demo_line(data: AppData) -> str:
-    ds = data.bundle.manifest.get("dataset", {})
+    ds = data.bundle.manifest.dataset
     return (f"Demo: **{ds.get('name', '?')}** ({ds.get('users', '?')} users, {ds.get('items', '?')} "
             "items)." + _precision_note(data))
 
@@ -229,7 +229,7 @@ def _catalogue_tab() -> dict:
 
 def _overview_tab(data: AppData) -> None:
     with gr.Tab("Overview"):
-        table = overview.results_table(data.bundle.metrics, data.bundle.manifest.get("run"))
+        table = overview.results_table(data.bundle.metrics, data.bundle.manifest.run)
         with gr.Row():
             with gr.Column(scale=1, min_width=260):
                 caption("dataset")
@@ -255,9 +255,9 @@ def build_demo(data: AppData) -> gr.Blocks:
     m = data.bundle.manifest
     hist = data.users["history_len"]
     start = logic.start_user(data)
-    backbone = str(m.get("backbone", {}).get("id", "?")).rsplit("/", 1)[-1]
-    retriever = {"lrurec": "LRURec", "sasrec": "SASRec"}.get(m.get("retriever"), m.get("retriever", "?"))
-    with gr.Blocks(title=f"ULMRec · {m['dataset']['name']}") as demo:
+    backbone = str(m.backbone.get("id", "?")).rsplit("/", 1)[-1]
+    retriever = {"lrurec": "LRURec", "sasrec": "SASRec"}.get(m.retriever, m.retriever or "?")
+    with gr.Blocks(title=f"ULMRec · {m.name}") as demo:
         gr.Markdown("# ULMRec: an LLM recommender that knows its users\n"
                     + INTRO.format(retriever=retriever, backbone=backbone), elem_id="intro")
         gr.Markdown(_demo_line(data), elem_classes=["ulm-caption"])

@@ -199,3 +199,30 @@ def test_llm_item_embedding_is_mean_pooled_and_unit_length(tiny):
     assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     alone = llm_embed(model, tok, ["a short title"])    # padding does not change the vector
     assert np.allclose(alone[0], emb[0], atol=1e-4)
+
+
+def test_the_stage_config_composes_index_and_ranker_configs(tmp_path):
+    """LcRecConfig holds an IndexConfig and a RankerConfig: their fields are flat flags and
+    YAML keys (--index-*, --lora-r, …), a saved config is flat and reads back equal, and the
+    stage's own dataset / seed / threads reach both."""
+    from ulmrec.config import flat_dict, from_dict, parse_config
+    from ulmrec.lcrec.run import LcRecConfig
+    yaml_file = tmp_path / "lc.yaml"
+    yaml_file.write_text("lcrec:\n  index_epochs: 7\n  max_len: 256\n  prompt_format: alpaca\n")
+    cfg = parse_config(LcRecConfig, ["--config", str(yaml_file), "--dataset", "games", "--lora-r", "16",
+                                     "--index-epochs", "9", "--index-levels", "3", "--seed", "5",
+                                     "--lora-targets", "q_proj", "k_proj"], section="lcrec")
+    assert isinstance(cfg.index, IndexConfig) and isinstance(cfg.llm, RankerConfig)
+    assert (cfg.index.epochs, cfg.index.levels, cfg.index.out) == (9, 3, "lcrec")   # the flag wins
+    assert (cfg.llm.lora_r, cfg.llm.max_len, cfg.llm.prompt_format) == (16, 256, "alpaca")
+    assert cfg.llm.lora_targets == ("q_proj", "k_proj")
+    icfg, rcfg = cfg.index_config(), cfg.ranker_config()
+    assert (icfg.dataset, icfg.seed, rcfg.dataset) == ("games", 5, "games")
+    saved = json.loads(json.dumps(flat_dict(cfg)))
+    assert saved["index_levels"] == 3 and saved["lora_r"] == 16 and "index" not in saved
+    assert from_dict(LcRecConfig, saved) == cfg
+    assert from_dict(RankerConfig, saved, known_only=True).lora_targets == ("q_proj", "k_proj")
+    assert from_dict(LcRecConfig, {"index": {"lr": 0.01}}).index.lr == 0.01   # a nested mapping
+    assert LcRecConfig().llm.max_len == 512 and LcRecConfig().index.out == "lcrec"
+    with pytest.raises(ValueError, match="index_beta"):
+        from_dict(LcRecConfig, {"index_beta": 0.5})          # not a field the stage exposes

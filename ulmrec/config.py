@@ -6,6 +6,12 @@ lets `--config file.yaml` provide defaults, and lets explicit flags win over the
 A field's metadata may name its flag (`flag`), hidden old spellings (`aliases`) and
 its `metavar`.
 
+A field whose type is itself a config dataclass composes it (LC-Rec's config holds an
+IndexConfig and a RankerConfig instead of copying their fields). Its fields appear flat,
+as `<prefix><name>` flags and YAML keys (metadata `prefix`, default the field's name + "_";
+`fields` limits which of them the stage exposes, the rest keep the default), and a saved
+config is written flat too (`flat_dict`), so that a narrower reader still finds them.
+
 A missing or unreadable YAML file is a usage error like an unknown flag: one line on
 stderr, exit status 2, no traceback.
 """
@@ -66,12 +72,34 @@ def _field_type(cls: type, f: dataclasses.Field) -> Any:
     return tp, origin
 
 
+def _composed(cls: type, f: dataclasses.Field) -> type | None:
+    """The config dataclass a field composes, else None."""
+    tp, _ = _field_type(cls, f)
+    return tp if dataclasses.is_dataclass(tp) else None
+
+
+def flat_fields(cls: type) -> dict[str, tuple[type, dataclasses.Field, str | None]]:
+    """Flat key → (the class that defines it, its field, the composing field's name or None):
+    the names flags and YAML use, composed configs' fields under their prefix."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        sub = _composed(cls, f)
+        if sub is None:
+            out[f.name] = (cls, f, None)
+            continue
+        prefix = f.metadata.get("prefix", f.name + "_")
+        inner = {g.name: g for g in dataclasses.fields(sub)}
+        for name in f.metadata.get("fields") or tuple(inner):
+            out[prefix + name] = (sub, inner[name], f.name)
+    return out
+
+
 def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=_default_prog(), description=description or cls.__doc__)
     parser.add_argument("--config", type=Path, default=None, help="YAML file with field values")
-    for f in dataclasses.fields(cls):
-        tp, origin = _field_type(cls, f)
-        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+    for key, (owner, f, outer) in flat_fields(cls).items():
+        tp, origin = _field_type(owner, f)
+        flag = (f.metadata.get("flag") if outer is None else None) or "--" + key.replace("_", "-")
         help_text = f.metadata.get("help", "")
         if tp is bool:
             kwargs = dict(action=argparse.BooleanOptionalAction)
@@ -81,38 +109,75 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
         else:
             kwargs = dict(type=tp if tp in (int, float, str) else str,
                           choices=f.metadata.get("choices"), metavar=f.metadata.get("metavar"))
-        parser.add_argument(flag, dest=f.name, default=None, help=help_text, **kwargs)
-        for alias in f.metadata.get("aliases", ()):  # old spellings keep working, unlisted
-            parser.add_argument(alias, dest=f.name, default=None, help=argparse.SUPPRESS, **kwargs)
+        parser.add_argument(flag, dest=key, default=None, help=help_text, **kwargs)
+        for alias in f.metadata.get("aliases", ()) if outer is None else ():  # old spellings, unlisted
+            parser.add_argument(alias, dest=key, default=None, help=argparse.SUPPRESS, **kwargs)
     return parser
 
 
+def _value(cls: type, f: dataclasses.Field, v):
+    _, origin = _field_type(cls, f)
+    return tuple(v) if origin is tuple and isinstance(v, list) else v
+
+
 def from_dict(cls: type[T], values: dict, known_only: bool = False) -> T:
-    """cls from a dict (lists become tuples where the field is a tuple); unknown keys are an
-    error, or dropped with known_only (a saved config read back by a narrower class)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    """cls from a dict of flat keys (a composed config's fields under their prefix, or a
+    mapping under the field's own name); lists become tuples where the field is a tuple.
+    Unknown keys are an error, or dropped with known_only (a saved config read back by a
+    narrower class)."""
+    flat = flat_fields(cls)
+    direct = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(k for k in values if k not in flat and k not in direct)
     if unknown and not known_only:
         raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}; "
-                         f"known: {', '.join(sorted(names))}")
-    out = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in values:
-            continue
-        v = values[f.name]
-        tp, origin = _field_type(cls, f)
-        if origin is tuple and isinstance(v, list):
-            v = tuple(v)
-        out[f.name] = v
+                         f"known: {', '.join(sorted(flat))}")
+    out, parts = {}, {}
+    for key, v in values.items():
+        if key in direct and _composed(cls, direct[key]) is not None:
+            if isinstance(v, dict):                          # a nested mapping
+                parts.setdefault(key, {}).update(v)
+            else:                                            # an instance
+                out[key] = v
+        elif key in flat:
+            owner, f, outer = flat[key]
+            if outer is None:
+                out[key] = _value(owner, f, v)
+            else:
+                parts.setdefault(outer, {})[f.name] = v
+    for name, given in parts.items():
+        f = direct[name]
+        base = out.get(name) or (f.default_factory() if f.default_factory is not dataclasses.MISSING
+                                 else f.default)
+        sub = _composed(cls, f)
+        inner = {g.name: g for g in dataclasses.fields(sub)}
+        bad = sorted(set(given) - set(inner))
+        if bad and not known_only:
+            raise ValueError(f"unknown {sub.__name__} field(s) in {name}: {', '.join(bad)}")
+        out[name] = dataclasses.replace(base, **{k: _value(sub, inner[k], v)
+                                                 for k, v in given.items() if k in inner})
     return cls(**out)
+
+
+def flat_dict(cfg) -> dict:
+    """asdict with the composed configs' exposed fields flat, under their prefix (how a
+    config is saved: from_dict reads it back, and a narrower class finds its keys)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if _composed(type(cfg), f) is None:
+            out[f.name] = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+    for key, (_, f, outer) in flat_fields(type(cfg)).items():
+        if outer is not None:
+            out[key] = getattr(getattr(cfg, outer), f.name)
+    return out
 
 
 def check_choices(cls: type, values: dict) -> None:
     """ConfigError for a value outside its field's `choices`: argparse checks the flags, this
     checks what came from YAML (a list field, each of its items)."""
-    for f in dataclasses.fields(cls):
+    for key, (_, f, _) in flat_fields(cls).items():
         choices = f.metadata.get("choices")
-        v = values.get(f.name)
+        v = values.get(key)
         if choices is None or v is None:
             continue
         for item in v if isinstance(v, (list, tuple)) else [v]:
@@ -157,7 +222,7 @@ def parse_config(cls: type[T], argv: list[str] | None = None, section: str | Non
             data = data[section]
             if not isinstance(data, dict):
                 parser.exit(2, f"error: {args.config}: section '{section}' is not a mapping\n")
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = set(flat_fields(cls)) | {f.name for f in dataclasses.fields(cls)}
         ignored = sorted(k for k in data if k not in names and not isinstance(data[k], dict))
         if ignored:  # shared pipeline files hold other stages' keys too; say which were skipped
             logging.getLogger(__name__).info("%s: keys not used by %s: %s", args.config,

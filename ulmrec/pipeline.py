@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, check_choices, from_dict
+from .config import ConfigError, check_choices, flat_fields, from_dict
 from .data import DataError  # bad input, named on its line: logged without a traceback
 from .data import DataConfig
 from .data.dataset import fingerprint, resolve_source
@@ -125,7 +125,7 @@ def build_sections(spec: dict, cfg: PipelineConfig, stages, config_path: Path | 
                 sections[stage.name] = None
                 continue
             raise
-        fields[stage.name] = {f.name for f in dataclasses.fields(config_cls)}
+        fields[stage.name] = set(flat_fields(config_cls))   # composed configs' keys flat
         bad = sorted(set(section) - fields[stage.name])
         if bad:
             raise PipelineError(f"stage {stage.name}: unknown key(s) {', '.join(bad)} "

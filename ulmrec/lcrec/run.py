@@ -14,7 +14,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ import torch
 
 from ..backbone import save_tokenizer
 from ..checkpoint import read_state
+from ..config import flat_dict
 from ..data import load_dataset
 from ..indexing.encoder import embed_cached, load_encoder
 from ..indexing.fit import IndexConfig
@@ -58,21 +59,13 @@ class LcRecConfig:
     item_encoder: str = field(default="minilm", metadata={
         "help": "minilm (the review encoder) or llm (the backbone, mean-pooled)",
         "choices": ("minilm", "llm")})
-    index_epochs: int = 300
-    e_dim: int = 32
-    levels: int = 4
-    codebook_size: int = 256
-    index_batch_size: int = 1024
-    index_lr: float = 1e-3
-    # model
-    backbone: str | None = field(default=None, metadata={"help": "default: embedded SmolLM2-135M-Instruct"})
-    tiny_backbone: bool = field(default=False, metadata={"help": "tiny random Llama (tests)"})
-    prompt_format: str = field(default="auto", metadata={"choices": ("auto", "chat", "plain", "alpaca")})
-    lora_r: int = 8
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-    max_len: int = 512
+    # (--index-epochs, --index-e-dim, …: the user index's IndexConfig, its run folder 'lcrec')
+    index: IndexConfig = field(default_factory=lambda: IndexConfig(out="lcrec"), metadata={
+        "prefix": "index_", "fields": ("epochs", "e_dim", "levels", "codebook_size", "batch_size", "lr")})
+    # model (--backbone, --lora-r, …, --max-len: the ranker's RankerConfig, prompts of 512 tokens)
+    llm: RankerConfig = field(default_factory=lambda: RankerConfig(max_len=512), metadata={
+        "prefix": "", "fields": ("backbone", "tiny_backbone", "prompt_format", "lora_r", "lora_alpha",
+                                 "lora_dropout", "lora_targets", "max_len")})
     # tasks
     tasks: tuple[str, ...] = field(default=("seq", "mut", "asy", "ite", "per"), metadata={
         "help": "seq mut asy ite per (ite / per only where intents / preferences exist)"})
@@ -107,10 +100,7 @@ class LcRecConfig:
     threads: int = field(default=1, metadata={"help": "torch CPU threads"})
 
     def index_config(self) -> IndexConfig:
-        return IndexConfig(dataset=self.dataset, e_dim=self.e_dim, levels=self.levels,
-                           codebook_size=self.codebook_size, epochs=self.index_epochs,
-                           batch_size=self.index_batch_size, lr=self.index_lr, seed=self.seed,
-                           threads=self.threads, out="lcrec")
+        return replace(self.index, dataset=self.dataset, seed=self.seed, threads=self.threads)
 
     def training_args(self):
         return TrainingArguments(learning_rate=self.learning_rate, num_epochs=self.num_epochs,
@@ -118,11 +108,8 @@ class LcRecConfig:
                                  warmup_steps=self.warmup_steps, stop_after=self.stop_after,
                                  eval_every=0)
 
-    def ranker_config(self):
-        return RankerConfig(dataset=self.dataset, backbone=self.backbone,
-                            tiny_backbone=self.tiny_backbone, lora_r=self.lora_r,
-                            lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                            lora_targets=self.lora_targets, max_len=self.max_len)
+    def ranker_config(self) -> RankerConfig:
+        return replace(self.llm, dataset=self.dataset)
 
 
 def run_dir(cfg: LcRecConfig, ds_name: str) -> Path:
@@ -216,10 +203,11 @@ def stage_finetune(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> bool
     log.info("examples used per task: %s; notes: %s", counts, notes)
 
     torch.manual_seed(cfg.seed)
-    model, tok = load_base(cfg.ranker_config())
-    new_ids = add_index_tokens(model, tok, index_vocabulary(cfg.levels, cfg.codebook_size))
-    model = wrap_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, new_ids)
-    encoded = [encode(tok, ex, cfg.prompt_format, cfg.max_len) for ex in examples]
+    llm = cfg.ranker_config()
+    model, tok = load_base(llm)
+    new_ids = add_index_tokens(model, tok, index_vocabulary(cfg.index.levels, cfg.index.codebook_size))
+    model = wrap_lora(model, llm.lora_r, llm.lora_alpha, llm.lora_dropout, llm.lora_targets, new_ids)
+    encoded = [encode(tok, ex, llm.prompt_format, llm.max_len) for ex in examples]
 
     def save(model, name: str):
         if name != "last":
@@ -227,8 +215,9 @@ def stage_finetune(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> bool
 
         def write(tmp: Path):
             model.save_pretrained(tmp, save_embedding_layers=False)  # index rows travel as token deltas
-            save_tokenizer(tok, tmp, cfg.backbone)  # a reference to the base + added tokens
-            (tmp / "lcrec_config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
+            save_tokenizer(tok, tmp, llm.backbone)  # a reference to the base + added tokens
+            # flat, so that the bundle reads its RankerConfig keys with RankerConfig itself
+            (tmp / "lcrec_config.json").write_text(json.dumps(flat_dict(cfg), indent=1, default=str))
         atomic_dir(adapter, write)
 
     fitted = fit(model, encoded, cfg.training_args(), folder, loss_fn=response_loss,
@@ -243,7 +232,7 @@ def stage_finetune(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> bool
         "last_losses": losses[-10:],
         "train_seconds_this_process": round(fitted["train_seconds_this_process"], 1),
         "tokens_per_s": round(fitted["train_tokens_per_s"], 1) if fitted["train_tokens_per_s"] else None,
-        "total_seconds": round(time.time() - t0, 1), "config": asdict(cfg)})
+        "total_seconds": round(time.time() - t0, 1), "config": flat_dict(cfg)})
     return True
 
 
@@ -256,7 +245,8 @@ def load_lcrec(out: Path, cfg: LcRecConfig):
 def stage_evaluate(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> dict:
     folder = out / "eval"
     settings = {k: getattr(cfg, k) for k in ("eval_split", "eval_users", "beams", "topn",
-                                             "exclude_history", "max_history", "prompt_format", "seed")}
+                                             "exclude_history", "max_history")}
+    settings |= {"prompt_format": cfg.llm.prompt_format, "seed": cfg.seed}
     settings["users"] = "sample_eval_users"   # the user sample train.evaluate draws too
     path = folder / f"metrics_{cfg.eval_split}.json"
     if path.exists() and not (cfg.force and "evaluate" in cfg.stages):
@@ -271,7 +261,7 @@ def stage_evaluate(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> dict
     token_items = item_token_ids(tok, table)
     top, stats = generate_topn(model, tok, exs, token_items, n=cfg.topn, beams=cfg.beams,
                                banned_items=histories if cfg.exclude_history else None,
-                               fmt=cfg.prompt_format, max_len=cfg.max_len,
+                               fmt=cfg.llm.prompt_format, max_len=cfg.llm.max_len,
                                batch_size=cfg.eval_batch_size, progress=True)
     secs = time.time() - t0
     targets = np.array([ex.target for ex in exs])

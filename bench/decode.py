@@ -142,7 +142,7 @@ def _load_run(cfg: DecodeBenchConfig) -> Inputs:
     if scfg.index_kind not in ("pid", "release"):
         raise SystemExit(f"{folder}: index kind '{scfg.index_kind}' has no semantic index to decode")
     ds = load_dataset(scfg.data_config())
-    pid = load_pid_table(ds.name) if scfg.index_kind == "pid" else None
+    pid = load_pid_table(ds.name, scfg.index_run) if scfg.index_kind == "pid" else None
     index = user_index_strings(ds, scfg.index_kind, pid).dropna().astype(str)
     model, tok = (None, None) if cfg.references_only else load_ranker(folder, scfg)
     return Inputs(ds.name, model, tok, scfg.prompt_format, index,

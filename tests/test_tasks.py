@@ -281,3 +281,36 @@ def test_a_task_is_one_registered_builder_and_ratios_default_to_all(inputs, monk
         training_examples(inputs, replace(cfg, task_ratio=(1.0,)))
     with pytest.raises(ValueError, match="unknown task"):
         training_examples(inputs, replace(cfg, tasks=("nope",)))
+
+
+def test_a_pid_index_comes_from_its_named_run_and_says_when_it_is_leak_prone(gift_cards, tmp_path,
+                                                                           monkeypatch):
+    """--index-run picks the train.index run (e.g. a titles-only index beside the preference
+    one); an index built with the authors' preference text carries the leak-prone note."""
+    import dataclasses
+    import json
+
+    import pandas as pd
+
+    from ulmrec.ranker import RankerConfig, load_pid_table, load_task_inputs
+    from ulmrec.tasks import TaskConfig
+    monkeypatch.setenv("ULMREC_RUNS", str(tmp_path))
+    users = gift_cards.users.sort_values("user")
+    for run, leak, first in (("index", True, 7), ("index-titles", False, 9)):
+        folder = tmp_path / gift_cards.name / run
+        folder.mkdir(parents=True)
+        pd.DataFrame({"user": users["user"], "reviewerID": users["reviewerID"],
+                      "index": [f"<a_{first}><b_{u % 256}>" for u in users["user"]]}
+                     ).to_parquet(folder / "user_index.parquet", index=False)
+        (folder / "summary.json").write_text(json.dumps({"leak_prone": leak}))
+
+    @dataclasses.dataclass
+    class Cfg(RankerConfig, TaskConfig):
+        pass
+    for run, first, leaky in (("index", 7, True), ("index-titles", 9, False)):
+        inp, notes = load_task_inputs(gift_cards, Cfg(dataset=gift_cards.name, index_kind="pid",
+                                                       index_run=run, preference_source="none"))
+        assert inp.index.str.startswith(f"<a_{first}>").all()
+        assert any("leak-prone" in n and run in n for n in notes) == leaky
+    with pytest.raises(FileNotFoundError, match="--out index-other"):
+        load_pid_table(gift_cards.name, "index-other")

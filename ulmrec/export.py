@@ -104,7 +104,7 @@ def backbone_reference(cfg: dict) -> dict:
 def _index_table(ds, run_cfg) -> pd.DataFrame:
     """reviewerID, index string and (for token indices) the codes a..d."""
     kind = run_cfg.index_kind
-    pid = load_pid_table(ds.name) if kind == "pid" else None
+    pid = load_pid_table(ds.name, run_cfg.index_run) if kind == "pid" else None
     strings = user_index_strings(ds, kind, pid)
     users = ds.users.sort_values("user")
     table = pd.DataFrame({"reviewerID": users["reviewerID"].astype(str).to_numpy(),
@@ -259,7 +259,7 @@ def _live_parts(ds, run_cfg, tmp: Path) -> dict:
         (part / "items.json").write_text(json.dumps([asin.get(i, "") for i in range(spec["num_items"] + 1)]))
         live["retriever"] = {"model": spec["model"], "max_len": spec["kwargs"]["max_len"]}
     if run_cfg.index_kind == "pid":
-        src = runs_root() / ds.name / "index"
+        src = runs_root() / ds.name / run_cfg.index_run
         if (src / "model.safetensors").exists() and (src / "summary.json").exists():
             live["indexer"] = _indexer_part(ds, src, tmp / INDEXER_DIR)
         else:

@@ -5,6 +5,7 @@ so fine-tuning, evaluation and the app read them the same way.
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,10 +70,22 @@ class RankerConfig:
         return DataConfig(dataset=self.dataset)
 
 
-def load_pid_table(dataset_name: str) -> pd.DataFrame:
-    path = runs_root() / dataset_name / "index" / "user_index.parquet"
+def pid_index_notes(dataset_name: str, run: str = "index") -> list[str]:
+    """The run note of a P-ID index built with the authors' preference text (--use-preference):
+    that text was written from all of a user's reviews, so the index can carry held-out items."""
+    path = runs_root() / dataset_name / run / "summary.json"
+    if path.exists() and json.loads(path.read_text()).get("leak_prone"):
+        return [f"user index: runs/{dataset_name}/{run} was built with the authors' preference text, "
+                "written from ALL of a user's reviews (leak-prone: it may carry validation/test items)"]
+    return []
+
+
+def load_pid_table(dataset_name: str, run: str = "index") -> pd.DataFrame:
+    """The user index table of a train.index run (runs/<dataset>/<run>/)."""
+    path = runs_root() / dataset_name / run / "user_index.parquet"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run `python -m train.index --dataset {dataset_name}`")
+        out = "" if run == "index" else f" --out {run}"
+        raise FileNotFoundError(f"{path} not found: run `python -m train.index --dataset {dataset_name}{out}`")
     return pd.read_parquet(path).rename(columns={"index": "tokens"})
 
 
@@ -91,12 +104,14 @@ def load_preference_series(ds, source: str) -> tuple[pd.Series | None, list[str]
 
 def load_task_inputs(ds, cfg) -> tuple[TaskInputs, list[str]]:
     notes = []
-    pid = load_pid_table(ds.name) if cfg.index_kind == "pid" else None
+    pid = load_pid_table(ds.name, cfg.index_run) if cfg.index_kind == "pid" else None
     index = user_index_strings(ds, cfg.index_kind, pid)
     prefs, pref_notes = load_preference_series(ds, cfg.preference_source)
     notes += pref_notes
     if cfg.index_kind == "release":           # built from all reviews: may carry held-out data
         notes.append(RELEASE_INDEX_NOTE)
+    if cfg.index_kind == "pid":
+        notes += pid_index_notes(ds.name, cfg.index_run)
     inp = task_inputs(ds, index, prefs, cfg.max_title_words, getattr(cfg, "item_tokens", False))
     if getattr(cfg, "train_candidates", "random") in ("retriever", "retriever-only"):
         if cfg.retriever == "random":

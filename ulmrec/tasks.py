@@ -33,6 +33,9 @@ class TaskConfig:
     index_kind: str = field(default="pid", metadata={
         "help": "pid = our user index, release = the authors' index, nid = numeric id, "
                 "oid = original reviewerID, none = no user index", "choices": INDEX_KINDS})
+    index_run: str = field(default="index", metadata={
+        "help": "with --index-kind pid: the train.index run folder under runs/<dataset>/ that the "
+                "index comes from (e.g. index-titles, an index of the training titles alone)"})
     max_history: int = field(default=20, metadata={"help": "most recent history titles shown"})
     max_title_words: int = field(default=16, metadata={"help": "titles cut to this many words"})
     num_candidates: int = field(default=20, metadata={"help": "candidates per prompt (≤ 20)"})

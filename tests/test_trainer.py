@@ -55,3 +55,40 @@ def test_lcrec_run_reproduces_the_old_loop(one_thread):
                        "--learning-rate", "0.01", "--stages", "index", "finetune"]) == 0
     state = one_thread / "runs" / "gift-cards" / "lcrec" / "finetune" / "checkpoint" / "state.json"
     assert json.loads(state.read_text())["losses"] == pytest.approx(BEFORE_LCREC_LOSSES, abs=2e-4)
+
+
+def test_a_killed_run_resumes_from_its_last_periodic_checkpoint(one_thread):
+    """ckpt_every: a run killed between validations loses at most that many steps, and the
+    resumed run ends with the straight run's losses."""
+    import torch
+
+    from ulmrec.checkpoint import read_state
+    from ulmrec.trainer import TrainingArguments, fit
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.w = torch.nn.Linear(3, 1)
+
+        def trainable_state(self):                         # what ulmrec.checkpoint saves
+            return dict(self.named_parameters())
+
+    rows = [{"x": [float(i), 1.0, -float(i)], "y": float(i % 3)} for i in range(24)]
+    collate = lambda rs: {"x": torch.tensor([r["x"] for r in rs]), "y": torch.tensor([r["y"] for r in rs])}  # noqa: E731
+    args = TrainingArguments(learning_rate=0.01, max_steps=10, batch_size=4, warmup_steps=0,
+                             eval_every=0, ckpt_every=3)
+
+    def loss(model, batch, kill_at=None, seen=[0]):
+        seen[0] += 1
+        if kill_at is not None and seen[0] > kill_at:
+            raise KeyboardInterrupt                        # the machine goes away mid-run
+        return ((model.w(batch["x"]).squeeze(-1) - batch["y"]) ** 2).mean()
+
+    straight = fit(Toy(), rows, args, one_thread / "a", loss_fn=loss, collate_fn=collate)["losses"]
+    with pytest.raises(KeyboardInterrupt):
+        fit(Toy(), rows, args, one_thread / "b", collate_fn=collate,
+            loss_fn=lambda m, b, s=[0]: loss(m, b, kill_at=7, seen=s))
+    assert read_state(one_thread / "b" / "checkpoint")["step"] == 6      # steps 7.. were lost
+    resumed = fit(Toy(), rows, args, one_thread / "b", loss_fn=loss, collate_fn=collate)["losses"]
+    assert resumed == pytest.approx(straight)

@@ -62,6 +62,9 @@ class TrainingArguments:
     patience: int = field(default=20, metadata={"help": "validations without improvement before stopping"})
     stop_after: int = field(default=0, metadata={
         "help": "leave after this many optimizer steps, resumable, as if interrupted (time boxes)"})
+    ckpt_every: int = field(default=50, metadata={
+        "help": "optimizer steps between checkpoints, so that a killed run loses at most these "
+                "(0 = at validations and --stop-after only)"})
     resume: bool = field(default=True, metadata={"help": "continue from <out>/checkpoint if present"})
 
 
@@ -95,15 +98,15 @@ def fit(model, encoded: list[dict], args: TrainingArguments, out: Path, *,
         evaluate: Callable[[torch.nn.Module], dict] | None = None,
         save: Callable[[torch.nn.Module, str], None] | None = None,
         init: Callable[[torch.nn.Module], None] | None = None,
-        ckpt_every: int = 0, accelerator=None, desc: str = "train") -> dict:
+        accelerator=None, desc: str = "train") -> dict:
     """Train (or resume) `model` on `encoded` (ulmrec.model.encode rows, batched by
     ulmrec.model.collate with `pad_id`; or any rows, batched by `collate_fn(rows)` into a dict
     whose tensors go to the device); the loop summary, the same on every process.
 
     evaluate: every `eval_every` steps and at the end; a higher "score" is better, a better
     one calls save(model, "best"). save(model, "last") once training ends. init(model): a
-    warm start, applied only when there is no checkpoint to resume. ckpt_every: checkpoint
-    between validations too (0: at validations only; without `evaluate`, at the end only)."""
+    warm start, applied only when there is no checkpoint to resume. A checkpoint is written at
+    each validation, every `args.ckpt_every` steps, at --stop-after and at the end."""
     from transformers import get_scheduler   # on first use: ~7 s to import, and --help never needs it
 
     out = Path(out)
@@ -200,7 +203,7 @@ def fit(model, encoded: list[dict], args: TrainingArguments, out: Path, *,
             elif state["step"] % 10 == 0 or at_end:
                 log.info("step %d/%d loss %.4f (mean of the last 10: %.4f)", state["step"], total,
                          loss.item(), sum(state["losses"][-10:]) / len(state["losses"][-10:]))
-            if validating or (ckpt_every and state["step"] % ckpt_every == 0 and not at_end):
+            if validating or (args.ckpt_every and state["step"] % args.ckpt_every == 0 and not at_end):
                 checkpoint()
             if args.stop_after and state["step"] >= args.stop_after and not at_end:
                 checkpoint()

@@ -106,7 +106,7 @@ class LcRecConfig:
         return TrainingArguments(learning_rate=self.learning_rate, num_epochs=self.num_epochs,
                                  max_steps=self.max_steps, batch_size=self.batch_size,
                                  warmup_steps=self.warmup_steps, stop_after=self.stop_after,
-                                 eval_every=0)
+                                 ckpt_every=self.ckpt_every, eval_every=0)
 
     def ranker_config(self) -> RankerConfig:
         return replace(self.llm, dataset=self.dataset)
@@ -221,7 +221,7 @@ def stage_finetune(cfg: LcRecConfig, ds, table: pd.DataFrame, out: Path) -> bool
         atomic_dir(adapter, write)
 
     fitted = fit(model, encoded, cfg.training_args(), folder, loss_fn=response_loss,
-                 pad_id=tok.pad_token_id, seed=cfg.seed, save=save, ckpt_every=cfg.ckpt_every,
+                 pad_id=tok.pad_token_id, seed=cfg.seed, save=save,
                  desc="lcrec finetune")
     if fitted.get("interrupted"):
         return False

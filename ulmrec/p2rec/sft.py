@@ -43,8 +43,9 @@ def train_sft(model: P2RecLM, histories: list[list[int]], targets: np.ndarray, *
                              warmup_steps=0, lr_schedule="constant", max_grad_norm=max_grad_norm,
                              stop_after=stop_after)
     per_epoch, _ = total_steps(len(rows), args)
+    args.ckpt_every = per_epoch
     summary = fit(model, rows, args, out, loss_fn=_loss, collate_fn=_collate, seed=seed,
-                  ckpt_every=per_epoch, desc="P2Rec SFT")
+                  desc="P2Rec SFT")
     losses = summary.get("losses", [])
     done_before = summary["steps"] - len(summary.get("lr", []))      # steps of earlier calls
     secs = summary.get("train_seconds_this_process", 0.0) / max(1, len(summary.get("lr", [])))

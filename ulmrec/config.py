@@ -90,6 +90,9 @@ def flat_fields(cls: type) -> dict[str, tuple[type, dataclasses.Field, str | Non
         prefix = f.metadata.get("prefix", f.name + "_")
         inner = {g.name: g for g in dataclasses.fields(sub)}
         for name in f.metadata.get("fields") or tuple(inner):
+            if prefix + name in out or prefix + name in {g.name for g in dataclasses.fields(cls)}:
+                raise TypeError(f"{cls.__name__}: {f.name}.{name} and another field are both "
+                                f"'{prefix + name}'")
             out[prefix + name] = (sub, inner[name], f.name)
     return out
 

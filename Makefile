@@ -22,10 +22,10 @@ $(STAMP): requirements.txt requirements-models.txt requirements-dev.txt
 DEMO ?= $(if $(wildcard assets/games/bundle.json),games,gift-cards)
 DEMO_BUNDLE = $(or $(if $(filter games,$(DEMO)),assets/games),$(if $(filter gift-cards,$(DEMO)),assets/demo),$(DEMO))
 
-# On CPU the games demo ranks with int8 weights (torchao weight-only: a quarter of the linear
-# weights' memory, the same top candidate for all 100 users measured, ~1.1x the float32 speed;
-# docs/app.md); `make demo SERVE=` serves the evaluated float32 model. Gift-cards stays float32.
-SERVE ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,$(if $(filter games,$(DEMO)),--int8))
+# The demos serve the evaluated float32 model: on the games demo's 2 CPU cores torchao's
+# weight-only int8 ranked no faster (0.83 s against 0.73 s p50, docs/app.md); `make demo
+# SERVE=--int8` for a quarter of the linear weights' memory at the same ranking.
+SERVE ?=
 
 demo: $(STAMP)
 	$(BIN)/python app.py --bundle $(DEMO_BUNDLE) $(SERVE)

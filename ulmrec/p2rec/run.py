@@ -29,9 +29,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..backbone import load_backbone, resolve_backbone
+from ..config import flat_dict
 from ..data import load_dataset
 from ..paths import atomic_write, atomic_write_json, runs_root
-from ..ranker import _tiny_llama
+from ..ranker import RankerConfig, _tiny_llama
 from ..report import markdown_table
 from ..retrieval import RetrievalConfig, load_retriever
 from . import (P2RecLM, add_lora, agreement, enhance_items, instance_examples, item_embeddings,
@@ -49,11 +50,10 @@ class P2RecConfig:
         "help": "retrieval run (runs/<dataset>/retrieval/<name>) whose item embeddings are grouped"})
     k: int = field(default=32, metadata={"help": "number of pre-groups K"})
     stages: tuple[str, ...] = field(default=STAGES, metadata={"help": "stages to run"})
-    backbone: str | None = field(default=None, metadata={"help": "LLM path/id (default: embedded SmolLM2)"})
-    tiny_backbone: bool = field(default=False, metadata={"help": "tiny random Llama (tests, plumbing)"})
-    lora_r: int = 8
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    # the LLM (--backbone, --tiny-backbone, --lora-r, --lora-alpha, --lora-dropout): the ranker's
+    # RankerConfig, of which P2Rec's user-level SFT reads these five
+    llm: RankerConfig = field(default_factory=RankerConfig, metadata={
+        "prefix": "", "fields": ("backbone", "tiny_backbone", "lora_r", "lora_alpha", "lora_dropout")})
     max_items: int = field(default=50, metadata={"help": "most recent training items per prompt"})
     sft_epochs: int = field(default=3, metadata={"help": "user-level SFT epochs"})
     sft_lr: float = field(default=5e-4, metadata={"help": "AdamW lr of LoRA + projection + head"})
@@ -84,7 +84,8 @@ def out_dir(cfg: P2RecConfig) -> Path:
 
 
 def _signature(cfg: P2RecConfig, *names: str) -> dict:
-    return {n: getattr(cfg, n) for n in names}
+    flat = flat_dict(cfg)          # the composed LLM settings under their flat names
+    return {n: flat[n] for n in names}
 
 
 GROUP_KEYS = ("dataset", "retriever", "k", "seed")
@@ -122,14 +123,15 @@ def build_lm(cfg: P2RecConfig, ds, device) -> P2RecLM:
     """Backbone + LoRA + projection + head, over the grouping retriever's item embeddings."""
     from transformers import AutoTokenizer   # on first use: ~2 s to import, and --help never needs it
 
-    if cfg.tiny_backbone:
-        tok = AutoTokenizer.from_pretrained(resolve_backbone(cfg.backbone), local_files_only=True)
+    lm = cfg.llm
+    if lm.tiny_backbone:
+        tok = AutoTokenizer.from_pretrained(resolve_backbone(lm.backbone), local_files_only=True)
         tok.pad_token = tok.pad_token or tok.eos_token
         llm = _tiny_llama(tok)
     else:
-        llm, tok = load_backbone(cfg.backbone, device="cpu")
+        llm, tok = load_backbone(lm.backbone, device="cpu")
     retriever, _ = load_retriever(runs_root() / cfg.dataset / "retrieval" / cfg.retriever)
-    llm = add_lora(llm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+    llm = add_lora(llm, lm.lora_r, lm.lora_alpha, lm.lora_dropout)
     torch.manual_seed(cfg.seed)
     return P2RecLM(llm, tok, item_embeddings(retriever), cfg.k, cfg.max_items).to(device)
 
@@ -309,7 +311,7 @@ def run(cfg: P2RecConfig) -> dict:
     reports = stage_fusion(cfg, ds, groups, enhanced, out, device) if "fusion" in cfg.stages else {}
     if "report" in cfg.stages and reports:
         md = table(reports)
-        summary = {"config": dataclasses.asdict(cfg), "agreement": agree,
+        summary = {"config": flat_dict(cfg), "agreement": agree,
                    "sft": json.loads((out / "sft" / "sft.json").read_text())
                    if (out / "sft" / "sft.json").exists() else None,
                    "test": {f"{m}-{v}-s{sd}": r["test"] for (m, v, sd), r in reports.items()}}

@@ -35,7 +35,7 @@ from .model import encode, score_examples
 from .paths import REPO_ROOT, is_offline
 from .preferences.extractive import summaries
 from .prompts import LETTERS
-from .ranker import RankerConfig, load_preference_series, load_ranker
+from .ranker import RankerConfig, load_preference_series, load_ranker, serve_ready
 from .tasks import TaskConfig, TaskInputs, next_item_example, prompt_titles
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,20 @@ class Bundle:
             if self._model is None:
                 self._model, self._tok = load_ranker(self.root, self.ranker_config())
             return self._model, self._tok
+
+    def served_model(self, bf16: bool = False, int8: bool = False):
+        """model() made ready to serve (ulmrec.ranker.serve_ready: on CPU the LoRA merged and,
+        if asked, bfloat16 or int8 layers); once, whichever caller comes first."""
+        return serve_ready(*self.model(), bf16=bf16, int8=int8)
+
+    def served_decoder(self, bf16: bool = False):
+        """decoder()'s model and tokenizer made ready to serve (fp32 unless bf16; never int8)."""
+        model, tok, _ = self.decoder()
+        return serve_ready(model, tok, bf16=bf16)
+
+    def served_lcrec(self):
+        """lcrec_model() made ready to serve (fp32: --bf16 and --int8 are the ranker's)."""
+        return serve_ready(*self.lcrec_model())
 
     @property
     def has_lcrec(self) -> bool:

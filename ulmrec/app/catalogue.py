@@ -11,7 +11,6 @@ import html
 import numpy as np
 import pandas as pd
 
-from ..ranker import serve_ready
 from .logic import AppData, AppError
 
 TOPN = 10
@@ -24,7 +23,7 @@ def lcrec_ready(data: AppData):
         raise AppError("this bundle has no LC-Rec part: export it with `python -m train.export "
                        "--lcrec runs/<dataset>/lcrec` to recommend from the whole catalogue")
     with data.lock:
-        return serve_ready(*data.bundle.lcrec_model())   # fp32: --bf16 is the ranker's
+        return data.bundle.served_lcrec()
 
 
 def catalogue_view(data: AppData, user: int, n: int = TOPN) -> tuple[str, pd.DataFrame]:

@@ -18,7 +18,6 @@ from ..bundle_format import MOVES
 from ..indexing.table import level_letter, parse_token_string, token_string
 from ..live import shared_counts
 from ..profile import ProfileIndex
-from ..ranker import serve_ready
 
 # the index vocabulary every bundle's tokenizer carries (ulmrec.indexing.table.index_vocab)
 MAX_LEVELS, CODEBOOK_SIZE = 4, 256
@@ -84,7 +83,7 @@ def warm(data: AppData):
     faster per call) and, if asked, cast to bfloat16 or int8; a CUDA model is left as loaded.
     """
     with data.lock:
-        return serve_ready(*data.bundle.model(), bf16=data.bf16, int8=data.int8)
+        return data.bundle.served_model(bf16=data.bf16, int8=data.int8)
 
 
 def warm_decoder(data: AppData):
@@ -93,8 +92,7 @@ def warm_decoder(data: AppData):
     if not data.bundle.has_decoder:
         return warm(data)
     with data.lock:
-        model, tok, _ = data.bundle.decoder()
-        return serve_ready(model, tok, bf16=data.bf16)
+        return data.bundle.served_decoder(bf16=data.bf16)
 
 
 # ------------------------------------------------------------------ picking a user

@@ -124,6 +124,8 @@ def test_bundle_files_and_card(trained):
     assert card.startswith("---\n") and "library_name: peft" in card and "model-index" in card
     metrics = json.loads((full / "metrics.json").read_text())
     assert f"{metrics['results']['t']['rank']['NDCG@10']:.4f}" in card
+    tasks = json.loads((full / "ulmrec_config.json").read_text())["tasks"]
+    assert all(f"`{t}`" in card for t in tasks)                    # the run's own tasks, named
     manifest = verify_bundle(full)
     assert manifest.backbone["id"] == "tiny-random-llama"
     assert set(manifest.files) >= {"adapter_model.safetensors", "user_index.parquet", "README.md"}

@@ -290,9 +290,11 @@ def _indexer_part(ds, src: Path, part: Path) -> dict:
 
 
 def model_card(manifest: Manifest, metrics: dict, repo_id: str | None, base_id: str | None = None,
-               standard_tokenizer: bool = True) -> str:
+               standard_tokenizer: bool = True, run_cfg=None) -> str:
     """Hub model card (ulmrec.hubcard) + the LC-Rec part and the data note of this bundle."""
-    card = hub_model_card(manifest, metrics, repo_id, base_id, standard_tokenizer)
+    card = hub_model_card(manifest, metrics, repo_id, base_id, standard_tokenizer,
+                          tuple(run_cfg.tasks) if run_cfg else None,
+                          bool(run_cfg and run_cfg.residual))
     tail = _lcrec_card(manifest.lcrec)
     if manifest.decode:
         tail += (f"\n## Decoding a user index\n\n`{DECODE_DIR}/` holds a second adapter trained to write a "
@@ -388,7 +390,7 @@ def export(cfg: ExportConfig) -> Path:
         clean_for_hub(tmp, base_id)
         manifest = Manifest.from_dict(scrub(manifest.to_dict()))
         (tmp / "README.md").write_text(model_card(manifest, metrics, cfg.repo_id, base_id,
-                                                  (tmp / "tokenizer.json").exists()))
+                                                  (tmp / "tokenizer.json").exists(), run_cfg))
         manifest.files = {p.relative_to(tmp).as_posix(): sha256_file(p)
                           for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=1))

@@ -147,8 +147,16 @@ def machine_paths(folder: Path) -> dict[str, str]:
     return found
 
 
+def _trained_on(tasks: tuple[str, ...] | None, residual: bool) -> str:
+    """What the card says the adapter was trained on: the run's own tasks when known."""
+    what = ("the user-centric alignment tasks (ULMRec)" if not tasks else
+            f"the task{'s' if len(tasks) > 1 else ''} {', '.join(f'`{t}`' for t in tasks)} (ULMRec)")
+    return what + (", its letter scores a residual over the retriever's" if residual else "")
+
+
 def model_card(manifest, metrics: dict, repo_id: str | None, base_id: str | None = None,
-               standard_tokenizer: bool = True) -> str:
+               standard_tokenizer: bool = True, tasks: tuple[str, ...] | None = None,
+               residual: bool = False) -> str:
     """Hub model card: YAML metadata (license, pipeline_tag, base_model, library_name peft,
     tags, model-index from the real evaluation) + what it is, its results and how to load it."""
     ds = manifest.name
@@ -185,7 +193,7 @@ def model_card(manifest, metrics: dict, repo_id: str | None, base_id: str | None
 
 A LoRA adapter (+ 1,024 user-index tokens) for `{base}` that re-ranks the 20 candidates of a
 retriever ({manifest.retriever}) by the next-token probabilities of the letters A–T, trained on
-six user-centric alignment tasks (ULMRec). Index kind: `{manifest.index_kind}`; preferences:
+{_trained_on(tasks, residual)}. Index kind: `{manifest.index_kind}`; preferences:
 `{manifest.preference_source}`. Data: {data_name}.
 
 ## Test results ({metrics.get('test_users', '?')} users)

@@ -287,13 +287,12 @@ def test_a_pid_index_comes_from_its_named_run_and_says_when_it_is_leak_prone(gif
                                                                            monkeypatch):
     """--index-run picks the train.index run (e.g. a titles-only index beside the preference
     one); an index built with the authors' preference text carries the leak-prone note."""
-    import dataclasses
     import json
 
     import pandas as pd
 
-    from ulmrec.ranker import RankerConfig, load_pid_table, load_task_inputs
-    from ulmrec.tasks import TaskConfig
+    from ulmrec.bundle import ServeConfig
+    from ulmrec.ranker import load_pid_table, load_task_inputs
     monkeypatch.setenv("ULMREC_RUNS", str(tmp_path))
     users = gift_cards.users.sort_values("user")
     for run, leak, first in (("index", True, 7), ("index-titles", False, 9)):
@@ -303,12 +302,8 @@ def test_a_pid_index_comes_from_its_named_run_and_says_when_it_is_leak_prone(gif
                       "index": [f"<a_{first}><b_{u % 256}>" for u in users["user"]]}
                      ).to_parquet(folder / "user_index.parquet", index=False)
         (folder / "summary.json").write_text(json.dumps({"leak_prone": leak}))
-
-    @dataclasses.dataclass
-    class Cfg(RankerConfig, TaskConfig):
-        pass
     for run, first, leaky in (("index", 7, True), ("index-titles", 9, False)):
-        inp, notes = load_task_inputs(gift_cards, Cfg(dataset=gift_cards.name, index_kind="pid",
+        inp, notes = load_task_inputs(gift_cards, ServeConfig(dataset=gift_cards.name, index_kind="pid",
                                                        index_run=run, preference_source="none"))
         assert inp.index.str.startswith(f"<a_{first}>").all()
         assert any("leak-prone" in n and run in n for n in notes) == leaky

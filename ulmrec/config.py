@@ -82,6 +82,7 @@ def flat_fields(cls: type) -> dict[str, tuple[type, dataclasses.Field, str | Non
     """Flat key → (the class that defines it, its field, the composing field's name or None):
     the names flags and YAML use, composed configs' fields under their prefix."""
     out = {}
+    own = {f.name for f in dataclasses.fields(cls)}
     for f in dataclasses.fields(cls):
         sub = _composed(cls, f)
         if sub is None:
@@ -90,7 +91,7 @@ def flat_fields(cls: type) -> dict[str, tuple[type, dataclasses.Field, str | Non
         prefix = f.metadata.get("prefix", f.name + "_")
         inner = {g.name: g for g in dataclasses.fields(sub)}
         for name in f.metadata.get("fields") or tuple(inner):
-            if prefix + name in out or prefix + name in {g.name for g in dataclasses.fields(cls)}:
+            if prefix + name in out or prefix + name in own:
                 raise TypeError(f"{cls.__name__}: {f.name}.{name} and another field are both "
                                 f"'{prefix + name}'")
             out[prefix + name] = (sub, inner[name], f.name)
@@ -164,15 +165,8 @@ def from_dict(cls: type[T], values: dict, known_only: bool = False) -> T:
 def flat_dict(cfg) -> dict:
     """asdict with the composed configs' exposed fields flat, under their prefix (how a
     config is saved: from_dict reads it back, and a narrower class finds its keys)."""
-    out = {}
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        if _composed(type(cfg), f) is None:
-            out[f.name] = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
-    for key, (_, f, outer) in flat_fields(type(cfg)).items():
-        if outer is not None:
-            out[key] = getattr(getattr(cfg, outer), f.name)
-    return out
+    return {key: getattr(cfg, f.name) if outer is None else getattr(getattr(cfg, outer), f.name)
+            for key, (_, f, outer) in flat_fields(type(cfg)).items()}
 
 
 def check_choices(cls: type, values: dict) -> None:

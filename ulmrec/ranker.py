@@ -110,7 +110,7 @@ def load_task_inputs(ds, cfg) -> tuple[TaskInputs, list[str]]:
     notes += pref_notes
     if cfg.index_kind == "release":           # built from all reviews: may carry held-out data
         notes.append(RELEASE_INDEX_NOTE)
-    if cfg.index_kind == "pid":
+    elif cfg.index_kind == "pid":             # built with the preference text: may too
         notes += pid_index_notes(ds.name, cfg.index_run)
     inp = task_inputs(ds, index, prefs, cfg.max_title_words, getattr(cfg, "item_tokens", False))
     if getattr(cfg, "train_candidates", "random") in ("retriever", "retriever-only"):

@@ -286,7 +286,8 @@ class _FakeBundle:
 
     def __init__(self):
         import torch
-        self.manifest = {"index_kind": "pid"}
+        from ulmrec.bundle_format import Manifest
+        self.manifest = Manifest(dataset={"name": "fake"}, index_kind="pid")
         self.has_decoder = False
         codes = [(1, 1, 1, 0), (1, 2, 1, 0), (1, 2, 2, 0), (2, 1, 1, 0)]
         self.users = pd.DataFrame({
@@ -308,6 +309,10 @@ class _FakeBundle:
 
     def model(self):
         return self._model, None
+
+    def served_model(self, bf16=False, int8=False):      # as Bundle.served_model
+        from ulmrec.ranker import serve_ready
+        return serve_ready(*self.model(), bf16=bf16, int8=int8)
 
     def decode_many(self, prefixes, max_new_tokens):
         return [f"Decoded {p}." for p in prefixes]

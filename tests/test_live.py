@@ -13,8 +13,11 @@ from tiny_run import train_and_evaluate, train_tiny_retriever
 from train import export, finetune
 from train import index as index_cli
 from ulmrec.bundle import BundleError, load_bundle
-from ulmrec.indexing.table import parse_token_string
-from ulmrec.live import MAX_ITEMS, MAX_TEXT, InputError, resolve_history
+from ulmrec.indexing.table import level_letter, parse_token_string
+from ulmrec.live import MAX_ITEMS, MAX_TEXT, NEW_USER, InputError, predict_index, resolve_history
+from ulmrec.model import encode
+from ulmrec.prompts import INSTRUCTIONS, history_line
+from ulmrec.tasks import Example
 from ulmrec.paths import sha256_file
 
 ARGS = ["--dataset", "gift-cards", "--tiny-backbone", "--retriever", "lrurec", "--index-kind", "pid",
@@ -94,6 +97,27 @@ def test_recommend_serves_a_new_history_and_writes_nothing(bundle):
     again = bundle.recommend(history, text="Loves <b>coffee</b> shops")
     assert again.to_dict() == rec.to_dict()
     assert before == {p: sha256_file(p) for p in bundle.root.rglob("*") if p.is_file()}
+
+
+def test_predicted_index_on_the_kv_cache_equals_rereading_the_prompt(bundle):
+    """predict_index feeds each chosen level token on top of the prompt's cache: the codes
+    must be those of running the whole prompt again at every level."""
+    model, tok, fmt = bundle.decoder()
+    titles = bundle.titles()
+    codebook = [[tok.convert_tokens_to_ids(f"<{level_letter(lv)}_{c}>") for c in range(64)]
+                for lv in range(3)]
+    for hist in bundle.users["history"].iloc[:3]:
+        names = [titles[int(i)] for i in list(hist)[-3:]]
+        got = predict_index(model, tok, fmt, names, 3, 64, 256)
+        ex = Example("history_to_index", NEW_USER, INSTRUCTIONS["history_to_index"][0],
+                     history_line(names), "")
+        ids, want = encode(tok, ex, fmt, 256, with_response=False)["input_ids"], []
+        with torch.no_grad():
+            for vocab in codebook:
+                logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+                want.append(int(torch.argmax(logits[torch.tensor(vocab)])))
+                ids = ids + [vocab[want[-1]]]
+        assert got == want
 
 
 def test_bad_histories_and_texts_say_what_is_wrong(bundle):

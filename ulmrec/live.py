@@ -25,13 +25,14 @@ import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import load_file
+from transformers import DynamicCache
 
 from .indexing.attention import segment_softmax
 from .indexing.encoder import embed, load_encoder
 from .indexing.fit import IndexConfig
 from .indexing.rqvae import RQVAE
 from .indexing.table import level_letter, parse_token_string, token_string
-from .model import encode
+from .model import cache_kw, encode
 from .prompts import INSTRUCTIONS, history_line
 from .retrieval.evaluate import masked_scores
 from .retrieval.trainer import load_retriever
@@ -190,13 +191,15 @@ def predict_index(model, tok, fmt: str, titles: list[str], levels: int, size: in
     ex = Example("history_to_index", NEW_USER, INSTRUCTIONS["history_to_index"][0], history_line(titles), "")
     ids = encode(tok, ex, fmt, max_len, with_response=False)["input_ids"]
     device = next(model.parameters()).device
-    codes = []
+    # the prompt runs once; each level after it feeds one token on top of the KV cache
+    cache, step, codes = DynamicCache(config=model.config), torch.tensor([ids], device=device), []
     for lv in range(levels):
         vocab = tok.convert_tokens_to_ids([f"<{level_letter(lv)}_{c}>" for c in range(size)])
-        logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, -1]
+        logits = model(input_ids=step, use_cache=True, logits_to_keep=1,
+                       **{cache_kw(model): cache}).logits[0, -1]                     # [V]
         c = int(torch.argmax(logits[torch.tensor(vocab, device=device)]))
         codes.append(c)
-        ids = ids + [vocab[c]]
+        step = torch.tensor([[vocab[c]]], device=device)
     return codes
 
 

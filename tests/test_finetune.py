@@ -7,9 +7,10 @@ import pytest
 
 from train import evaluate, finetune
 from ulmrec.data import load_dataset
+from ulmrec.finetune import retriever_order_ndcg
 from ulmrec.model import score_examples
 from ulmrec.ranker import load_base, load_candidates, load_ranker, load_task_inputs
-from ulmrec.tasks import eval_examples
+from ulmrec.tasks import Example, eval_examples
 
 COMMON = ["--dataset", "gift-cards", "--tiny-backbone", "--retriever", "random",
           "--index-kind", "oid", "--preference-source", "none", "--max-history", "3",
@@ -54,6 +55,7 @@ def test_resume_continues_exactly_and_adapter_round_trips(runs):
     full = runs / "gift-cards" / "finetune" / "full"
     summary = json.loads((full / "train_summary.json").read_text())
     assert summary["steps"] == 4 and len(summary["history"]) == 2
+    assert 0 < summary["val_retriever_ndcg10"] <= 1
     # only the examples 4 steps of batch 2 reach are tokenized, drawn from the shuffled tasks
     assert sum(summary["examples"].values()) == 8
     assert set(summary["examples"]) <= {"next_item", "history_to_index", "rating"}
@@ -64,6 +66,13 @@ def test_resume_continues_exactly_and_adapter_round_trips(runs):
     np.testing.assert_allclose(s_full, s_cut, rtol=1e-4, atol=1e-5)
     # training moved the letter scores away from the untrained base (same seeded weights)
     assert not np.allclose(s_full, _scores(*load_base(CFG)), atol=1e-4)
+
+
+def test_the_validation_bar_is_the_lists_own_order():
+    ex = [Example("next_item", 1, "", "", "A", candidates=[5, 6, 7], target=5),
+          Example("next_item", 2, "", "", "C", candidates=[5, 6, 7], target=7)]
+    assert retriever_order_ndcg(ex) == pytest.approx((1 + 1 / np.log2(4)) / 2)
+    assert retriever_order_ndcg([]) == 0.0
 
 
 def test_init_from_starts_from_another_runs_weights(runs, tmp_path, capsys):

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
@@ -153,6 +154,14 @@ def validate(model, tok, examples, cfg) -> dict:
     return metrics_from_ranks(target_ranks(ranked, pos), ks=(5, 10))
 
 
+def retriever_order_ndcg(examples) -> float:
+    """NDCG@10 of the candidate lists as given (letter A first: the retriever's order)."""
+    if not examples:
+        return 0.0
+    pos = [ex.candidates.index(ex.target) for ex in examples]
+    return metrics_from_ranks(np.asarray(pos) + 1, ks=(10,))["NDCG@10"]
+
+
 def train(cfg: FinetuneConfig) -> dict:
     """Run (or resume) the fine-tuning; the run summary, the same on every process."""
     out = run_dir(cfg)
@@ -197,6 +206,10 @@ def train(cfg: FinetuneConfig) -> dict:
     val_examples, _ = eval_examples(ds, inp, cands, "val", cfg)
     if cfg.eval_users and len(val_examples) > cfg.eval_users:
         val_examples = random.Random(cfg.seed).sample(val_examples, cfg.eval_users)
+    # the bar each validation score has to clear: the lists' own (retriever) order, same users
+    val_retriever = retriever_order_ndcg(val_examples)
+    log.info("validation: %d users; the retriever's own order scores NDCG@10 %.4f on them",
+             len(val_examples), val_retriever)
 
     def evaluate(model) -> dict:
         m = validate(model, tok, val_examples, cfg)
@@ -234,7 +247,7 @@ def train(cfg: FinetuneConfig) -> dict:
         return {**run, "lr": fitted["lr"], "interrupted": True,
                 "scheduler_steps": fitted["scheduler_steps"]}
     summary = {
-        **run, "dataset": ds.name, "examples": counts, "train_tokens": n_tokens,
+        **run, "val_retriever_ndcg10": val_retriever, "dataset": ds.name, "examples": counts, "train_tokens": n_tokens,
         "truncated_prompts": n_trunc, "notes": notes, "processes": fitted["processes"],
         "mixed_precision": fitted["mixed_precision"], "early_stop": fitted["early_stop"],
         "lr": fitted["lr"], "scheduler_steps": fitted["scheduler_steps"],

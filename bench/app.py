@@ -12,7 +12,7 @@ Launches `python app.py` as a child process and measures:
   ladder          the 4-rung decode (<a> … full index) for one user, one request
   catalogue       LC-Rec's trie-constrained beam search (beam 20, top-10) for one user, when
                   the bundle carries the LC-Rec part (the first call, which loads it, untimed)
-Prints one JSON line and one markdown table row.
+Prints one JSON line (appended to --log when given) and one markdown table row.
 """
 from __future__ import annotations
 
@@ -85,7 +85,9 @@ def main(argv=None) -> int:
                     help="timed /recommend requests for new histories (bundles with a retriever)")
     ap.add_argument("--concurrency", type=int, default=1, help="passed to app.py")
     ap.add_argument("--bf16", action="store_true", help="passed to app.py (CPU bfloat16)")
-    ap.add_argument("--int8", action="store_true", help="passed to app.py (CPU dynamic int8)")
+    ap.add_argument("--int8", action="store_true", help="passed to app.py (CPU int8, torchao weight-only)")
+    ap.add_argument("--log", type=Path, default=None,
+                    help="also append the JSON line to this file (e.g. results/app-latency-games.jsonl)")
     args = ap.parse_args(argv)
 
     port = free_port()
@@ -180,6 +182,9 @@ def main(argv=None) -> int:
               "new_user_n": len(new_s),
               "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     print(json.dumps(result))
+    if args.log is not None:
+        with args.log.open("a") as f:
+            f.write(json.dumps(result) + "\n")
     cat = f"{result['catalogue_mean_s']:.1f} s" if catalogue_s else "—"
     fc = f"{result['first_chart_s']:.1f} s" if chart else "—"
     dtype = "bf16" if args.bf16 else "int8" if args.int8 else "fp32"

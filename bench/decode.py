@@ -73,9 +73,10 @@ class DecodeBenchConfig:
     no_repeat_ngram_size: int = 3
     repetition_penalty: float = 1.15
     batch_size: int = field(default=32, metadata={"help": "prompts per generate call"})
-    contrast: float = field(default=DecodeSettings.contrast, metadata={
+    contrast: float | None = field(default=None, metadata={
         "help": "index contrast weight w (0 = plain greedy): log p(y|index) + w·(log p(y|index)"
-                " − log p(y|no index)) over plausible tokens (ulmrec.decode.IndexContrast)"})
+                " − log p(y|no index)) over plausible tokens (ulmrec.decode.IndexContrast); "
+                "default: the bundle's own (its manifest), for a run DecodeSettings.contrast"})
     plausibility: float = field(default=0.1, metadata={
         "help": "with --contrast: keep tokens with p(y|index) ≥ this × the best one"})
     threads: int = field(default=1, metadata={
@@ -103,6 +104,7 @@ class Inputs:
     prompt_format: str | None
     index: pd.Series             # user → index string (every user with one)
     source: dict                 # what was loaded (bundle / run, adapter, config)
+    contrast: float = DecodeSettings.contrast    # the weight it decodes with unless --contrast
 
 
 def _load_bundle(cfg: DecodeBenchConfig) -> Inputs:
@@ -118,7 +120,8 @@ def _load_bundle(cfg: DecodeBenchConfig) -> Inputs:
     return Inputs(b.dataset, model, tok, fmt, index,
                   {"bundle": display_path(b.root),
                    "run": (b.manifest.decode or {}).get("run") or b.manifest.run,
-                   "preference_source": b.manifest.preference_source, "notes": b.notes})
+                   "preference_source": b.manifest.preference_source, "notes": b.notes},
+                  b.decode_settings.contrast)
 
 
 def _adapter_folder(path: Path) -> Path:
@@ -360,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
             model.to(torch.bfloat16)
         model.eval()
     settings = DecodeSettings(cfg.max_new_tokens, cfg.no_repeat_ngram_size, cfg.repetition_penalty,
-                              cfg.max_sentences, cfg.batch_size, cfg.contrast, cfg.plausibility)
+                              cfg.max_sentences, cfg.batch_size,
+                              inp.contrast if cfg.contrast is None else cfg.contrast, cfg.plausibility)
     ladders = {u: prefixes_of(index[u]) for u in sample}
     todo = [] if cfg.references_only else sorted({p for ps in ladders.values() for p in ps},
                                                  key=lambda p: (p.count("<"), p))

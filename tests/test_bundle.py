@@ -297,6 +297,21 @@ def test_decode_adapter_travels_in_the_bundle_and_writes_the_ladder(trained):
         ref_model, ref_tok = load_ranker(run, cfg)
         want = decode_indices(ref_model, ref_tok, [index, other_index], "alpaca", settings)
         assert bundle.decode_many([index, other_index], settings=settings) == want
+        # the contrast weight the export names is the one the bundle decodes with
+        assert bundle.manifest.decode["contrast"] == DecodeSettings.contrast
+        assert bundle.decode_settings == DecodeSettings()
+        assert export.main(common + ["--out", str(trained / "dec-w0"), "--decode", "dec",
+                                     "--decode-contrast", "0"]) == 0
+        plain = load_bundle(trained / "dec-w0")
+        assert plain.decode_settings.contrast == 0.0 and "contrast weight 0.0" in \
+            (trained / "dec-w0" / "README.md").read_text()
+        greedy = decode_indices(ref_model, ref_tok, [index], "alpaca",
+                                DecodeSettings(max_new_tokens=8, contrast=0.0))
+        assert plain.decode_many([index], max_new_tokens=8) == greedy
+        with pytest.raises(ValueError, match="decode-contrast"):
+            export.main(common + ["--out", str(trained / "dec-bad"), "--decode", "dec",
+                                  "--decode-contrast", "-1"])
+        assert not (trained / "dec-bad").exists()
         # the plain bundle keeps decoding with its ranker
         lean = load_bundle(trained / "lean")
         assert not lean.has_decoder and lean.decoder()[0] is lean.model()[0]

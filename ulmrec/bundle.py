@@ -384,6 +384,13 @@ class Bundle:
         `history` item ids, asins or exact titles, most recent last; `text` optional."""
         return recommend(self, history, text, ladder=ladder)
 
+    @property
+    def decode_settings(self) -> DecodeSettings:
+        """How this bundle decodes: the defaults, with the index contrast weight its export
+        chose for its decode adapter (manifest decode.contrast) when it names one."""
+        weight = (self.manifest.decode or {}).get("contrast")
+        return DecodeSettings() if weight is None else DecodeSettings(contrast=float(weight))
+
     def decode(self, index: str, max_new_tokens: int = 48, settings=None) -> str:
         """Greedy index → preference text (task 2) for a full index or any prefix of it:
         plain text, whole sentences (ulmrec.decode)."""
@@ -394,7 +401,7 @@ class Bundle:
         `settings` (ulmrec.decode.DecodeSettings) overrides max_new_tokens."""
         for index in indices:
             parse_token_string(index)  # raises ValueError on a malformed prefix
-        settings = settings or replace(DecodeSettings(), max_new_tokens=max_new_tokens)
+        settings = settings or replace(self.decode_settings, max_new_tokens=max_new_tokens)
         model, tok, fmt = self.decoder()
         return decode_indices(model, tok, indices, fmt, settings)
 

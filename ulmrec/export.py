@@ -32,6 +32,7 @@ from .bundle_format import (DECODE_DIR, INDEXER_DIR, LCREC_DIR, MANIFEST, MOVES,
                             RETRIEVER_DIR, Manifest, verify_bundle)
 from .config import from_dict
 from .data import load_dataset
+from .decode import DecodeSettings
 from .evaluate import results_stem
 from .hubcard import clean_for_hub, hub_base_id
 from .hubcard import model_card as hub_model_card
@@ -81,6 +82,13 @@ class ExportConfig:
                 "decode panel's text, carried as decode/ (e.g. configs/decode-games.yaml's run)"})
     decode_adapter: str = field(default="last", metadata={
         "help": "best | last of the decode run (its validation metric is next-item, not decoding)"})
+    decode_contrast: float | None = field(default=None, metadata={
+        "help": "index contrast weight the bundle decodes with (chosen on validation users with "
+                "`bench.decode --contrast`); default ulmrec.decode.DecodeSettings.contrast"})
+
+    def __post_init__(self):
+        if self.decode_contrast is not None and self.decode_contrast < 0:
+            raise ValueError(f"--decode-contrast must be ≥ 0 (0 = plain greedy), got {self.decode_contrast}")
 
 
 def bundle_dir(cfg: ExportConfig, ds_name: str) -> Path:
@@ -299,7 +307,9 @@ def model_card(manifest: Manifest, metrics: dict, repo_id: str | None, base_id: 
     if manifest.decode:
         tail += (f"\n## Decoding a user index\n\n`{DECODE_DIR}/` holds a second adapter trained to write a "
                  f"user's preferences from their index or any prefix of it "
-                 f"({manifest.decode['prompt_format']} prompts): `bundle.decode('<a_1><b_2>')`.\n")
+                 f"({manifest.decode['prompt_format']} prompts; greedy with index contrast weight "
+                 f"{manifest.decode.get('contrast', DecodeSettings.contrast)}): "
+                 f"`bundle.decode('<a_1><b_2>')`.\n")
     if not manifest.includes_data:
         tail += "\nThis bundle carries no data: it is joined at load time with the dataset under ULMREC_DATA.\n"
     return card.rstrip("\n") + "\n\n" + tail if tail else card
@@ -377,7 +387,9 @@ def export(cfg: ExportConfig) -> Path:
                                "tokenizer": "shared" if shared else "own",
                                "prompt_format": dcfg.get("prompt_format"),
                                "tasks": dcfg.get("tasks"), "max_steps": dcfg.get("max_steps"),
-                               "backbone": backbone_reference(dcfg)}
+                               "backbone": backbone_reference(dcfg),
+                               "contrast": DecodeSettings.contrast if cfg.decode_contrast is None
+                               else DecodeSettings(contrast=cfg.decode_contrast).contrast}
         # standard tools read the base from adapter_config.json: its Hub id, never a local path
         base_id = cfg.base_model or hub_base_id(manifest.backbone, run_cfg_dict)
         if base_id is None:

@@ -16,9 +16,9 @@ from ulmrec.bundle import BundleError, load_bundle
 from ulmrec.indexing.table import level_letter, parse_token_string
 from ulmrec.live import MAX_ITEMS, MAX_TEXT, NEW_USER, InputError, predict_index, resolve_history
 from ulmrec.model import encode
+from ulmrec.paths import sha256_file
 from ulmrec.prompts import INSTRUCTIONS, history_line
 from ulmrec.tasks import Example
-from ulmrec.paths import sha256_file
 
 ARGS = ["--dataset", "gift-cards", "--tiny-backbone", "--retriever", "lrurec", "--index-kind", "pid",
         "--preference-source", "extractive", "--max-history", "3", "--max-title-words", "4",

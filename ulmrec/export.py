@@ -389,7 +389,7 @@ def export(cfg: ExportConfig) -> Path:
                                "tasks": dcfg.get("tasks"), "max_steps": dcfg.get("max_steps"),
                                "backbone": backbone_reference(dcfg),
                                "contrast": DecodeSettings.contrast if cfg.decode_contrast is None
-                               else DecodeSettings(contrast=cfg.decode_contrast).contrast}
+                               else cfg.decode_contrast}
         # standard tools read the base from adapter_config.json: its Hub id, never a local path
         base_id = cfg.base_model or hub_base_id(manifest.backbone, run_cfg_dict)
         if base_id is None:

@@ -87,8 +87,11 @@ class ExportConfig:
                 "`bench.decode --contrast`); default ulmrec.decode.DecodeSettings.contrast"})
 
     def __post_init__(self):
-        if self.decode_contrast is not None and self.decode_contrast < 0:
-            raise ValueError(f"--decode-contrast must be ≥ 0 (0 = plain greedy), got {self.decode_contrast}")
+        if self.decode_contrast is not None:      # DecodeSettings holds the rule for a weight
+            try:
+                DecodeSettings(contrast=self.decode_contrast)
+            except ValueError as e:
+                raise ValueError(f"--decode-contrast: {e}") from None
 
 
 def bundle_dir(cfg: ExportConfig, ds_name: str) -> Path:

@@ -19,11 +19,17 @@ from .paths import atomic_dir
 
 
 ITEM_TOKENS = "item_tokens.proj."     # the soft item tokens' projection (ulmrec.item_tokens)
+LINE_HEAD = "line_head."              # the line scorer's vector (ulmrec.line_head)
 
 
-def _item_tokens_state(model) -> dict:
-    it = getattr(model, "item_tokens", None)
-    return {} if it is None else {ITEM_TOKENS + k: v for k, v in it.proj.state_dict().items()}
+def _extra_state(model) -> dict:
+    """Trained tensors that live beside the peft wrapper: the item tokens' projection and
+    the line head."""
+    it, head = getattr(model, "item_tokens", None), getattr(model, "line_head", None)
+    sd = {} if it is None else {ITEM_TOKENS + k: v for k, v in it.proj.state_dict().items()}
+    if head is not None:
+        sd.update({LINE_HEAD + k: v for k, v in head.state_dict().items()})
+    return sd
 
 
 def read_state(folder: Path) -> dict | None:
@@ -42,7 +48,7 @@ def save_checkpoint(folder: Path, model, optim, sched, state: dict) -> None:
             sd = model.trainable_state()
         else:
             sd = get_peft_model_state_dict(model, save_embedding_layers=False)
-            sd.update(_item_tokens_state(model))
+            sd.update(_extra_state(model))
         # clone: tied embedding / LM-head token rows share storage, which safetensors refuses
         save_file({k: v.detach().cpu().clone().contiguous() for k, v in sd.items()},
                   tmp / "trainable.safetensors")
@@ -66,6 +72,9 @@ def load_checkpoint(folder: Path, model, optim, sched) -> dict:
         extra = {k: weights.pop(k) for k in list(weights) if k.startswith(ITEM_TOKENS)}
         if extra:
             model.item_tokens.proj.load_state_dict({k[len(ITEM_TOKENS):]: v for k, v in extra.items()})
+        head = {k[len(LINE_HEAD):]: weights.pop(k) for k in list(weights) if k.startswith(LINE_HEAD)}
+        if head:
+            model.line_head.load_state_dict(head)
         set_peft_model_state_dict(model, weights)
     optim.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     sched.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))

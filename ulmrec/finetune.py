@@ -31,6 +31,7 @@ from .data import load_dataset
 from .fusion import fit_residual_weight, ranked_scores
 from .metrics import metrics_from_ranks, target_ranks
 from .item_tokens import ItemTokens
+from .line_head import LineHead
 from .model import encode, response_loss, score_examples
 from .paths import atomic_dir, atomic_write_json, display_path, runs_root
 from .ranker import RankerConfig, build_ranker, load_candidates, load_task_inputs
@@ -100,6 +101,9 @@ def init_weights(model, folder: Path, cfg: FinetuneConfig) -> None:
     saved_tokens = ItemTokens.load(folder)
     if saved_tokens is not None and getattr(model, "item_tokens", None) is not None:
         model.item_tokens.proj.load_state_dict(saved_tokens.proj.state_dict())
+    saved_head = LineHead.load(folder)
+    if saved_head is not None and getattr(model, "line_head", None) is not None:
+        model.line_head.load_state_dict(saved_head.state_dict())
 
 
 def saved_config(cfg: FinetuneConfig) -> dict:
@@ -181,6 +185,10 @@ def train(cfg: FinetuneConfig) -> dict:
         examples = examples[:cap]
     counts = task_counts(examples)
     log.info("training examples per task: %s", counts)
+    if cfg.scorer == "lines" and cfg.loss != "letters":
+        raise ValueError("--scorer lines scores candidate answers listwise: it needs --loss letters")
+    if cfg.scorer == "lines" and acc.num_processes > 1:
+        raise ValueError("--scorer lines runs its decoder outside the DDP wrapper: one process only")
     cands = load_candidates(ds, cfg, "val")
     if cfg.residual:
         cfg = resolve_residual(cfg, examples, cands)
@@ -195,7 +203,7 @@ def train(cfg: FinetuneConfig) -> dict:
     model, tok = build_ranker(cfg, ds, inp, item_tokens_from=soft)
     item_tokens = getattr(model, "item_tokens", None)
     letter_ids = letter_token_ids(tok, cfg.num_candidates, cfg.prompt_format) if cfg.loss == "letters" else None
-    encoded = [encode(tok, ex, cfg.prompt_format, cfg.max_len)
+    encoded = [encode(tok, ex, cfg.prompt_format, cfg.max_len, lines=cfg.scorer == "lines")
                for ex in tqdm(examples, desc="tokenize", disable=not acc.is_main_process)]
     n_trunc = sum(e["truncated"] for e in encoded)
     if n_trunc:
@@ -226,6 +234,8 @@ def train(cfg: FinetuneConfig) -> dict:
                            upto=item_tokens.first_id if item_tokens is not None else None)
             if item_tokens is not None:
                 item_tokens.save(tmp)
+            if getattr(model, "line_head", None) is not None:
+                model.line_head.save(tmp)
             (tmp / "ulmrec_config.json").write_text(json.dumps(saved_config(cfg), indent=1, default=str))
         atomic_dir(out / name, write)
 

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from .indexing.table import index_vocab as index_vocabulary  # noqa: F401  (re-export)
 from .prompts import LETTERS, adds_special_tokens, candidates_block, render
 from .tasks import Example
+from .line_head import line_ends, line_scores
 from .verbalizer import letter_token_ids, response_ids, verbalize
 
 # peft (wrap_lora) and transformers (prompt_cache) are imported on first use: importing them
@@ -32,23 +33,33 @@ def add_index_tokens(model, tokenizer, tokens: list[str]) -> list[int]:
     return ids
 
 
-def encode(tokenizer, ex: Example, fmt: str, max_len: int, with_response: bool = True) -> dict:
+def encode(tokenizer, ex: Example, fmt: str, max_len: int, with_response: bool = True,
+           lines: bool = False) -> dict:
     """input_ids + labels (-100 on the prompt: loss on the response tokens only).
 
     A prompt longer than the budget keeps its *end* (candidates and the response marker);
-    `truncated` says so, and callers count it.
+    `truncated` says so, and callers count it. `lines` (the line scorer, ulmrec.line_head):
+    a prompt with candidates also gets the token index of each candidate line's end
+    ("lines") and the target's place among them ("answer").
     """
     prompt = render(ex.instruction, ex.input, tokenizer, fmt)
     p_ids = tokenizer(prompt, add_special_tokens=adds_special_tokens(fmt, tokenizer))["input_ids"]
     r_ids = response_ids(tokenizer, ex.response, fmt) if with_response else []
     budget = max_len - len(r_ids)
     truncated = len(p_ids) > budget
+    ends = line_ends(tokenizer, prompt, p_ids, ex.input) if lines and ex.candidates else None
     if truncated:
+        cut = len(p_ids) - budget
         p_ids = p_ids[-budget:]
+        if ends is not None:      # a line cut off reads the first kept token (counted as truncated)
+            ends = [max(0, e - cut) for e in ends]
     out = {"input_ids": p_ids + r_ids, "labels": [IGNORE] * len(p_ids) + r_ids,
            "truncated": truncated}
     if ex.prior is not None:
         out["prior"] = list(ex.prior)
+    if ends is not None:
+        out["lines"] = ends
+        out["answer"] = ex.candidates.index(ex.target) if ex.target in ex.candidates else -1
     return out
 
 
@@ -69,6 +80,13 @@ def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         k = max(len(b["prior"]) for b in batch if "prior" in b)
         out["prior"] = torch.tensor([b.get("prior") or [0.0] * k for b in batch],
                                     dtype=torch.float32)                       # [B, K]
+    if any("lines" in b for b in batch):
+        # positions move right by each row's left padding; a row without lines reads position
+        # 0 and is never scored by them (answer -1)
+        k = max(len(b["lines"]) for b in batch if "lines" in b)
+        out["lines"] = torch.tensor([[width - len(b["input_ids"]) + e for e in b["lines"]]
+                                     if "lines" in b else [0] * k for b in batch])   # [B, K]
+        out["answer"] = torch.tensor([b.get("answer", -1) for b in batch])             # [B]
     return out
 
 
@@ -110,33 +128,53 @@ def response_loss(model, batch: dict[str, torch.Tensor], letter_ids: list[int] |
 
     residual_weight w (letters only): the listwise logits are the letter logits plus
     w · log-softmax of the batch's retriever scores (`prior`), the sum the model is served
-    with, so the gradient reaches the LLM only where the retriever's order is wrong."""
+    with, so the gradient reaches the LLM only where the retriever's order is wrong.
+
+    A batch with "lines" on a model with a line head (the line scorer, ulmrec.line_head):
+    each candidate answer is scored listwise by its line scores instead of letter logits (the
+    residual as above); text answers keep the token loss."""
     labels = batch["labels"]
     keep = int((labels != IGNORE).sum(dim=1).max()) + 1   # the logit at t predicts token t+1
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                logits_to_keep=keep)
-    logits = out.logits[:, :-1].float()                                        # [B, keep-1, V]
+    by_lines = "lines" in batch and getattr(model, "line_head", None) is not None
+    if by_lines:
+        # one decoder pass feeds both reads: the LM head on the last positions (text answers)
+        # and the line head at each candidate line's end (candidate answers)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hidden = base.get_decoder()(input_ids=batch["input_ids"],
+                                    attention_mask=batch["attention_mask"]).last_hidden_state
+        logits = base.get_output_embeddings()(hidden[:, -keep:])[:, :-1].float()  # [B, keep-1, V]
+        rows = torch.arange(len(labels), device=hidden.device)
+        line_logits = model.line_head(hidden[rows[:, None], batch["lines"]])     # [B, K]
+    else:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    logits_to_keep=keep)
+        logits = out.logits[:, :-1].float()                                    # [B, keep-1, V]
     target = labels[:, -(keep - 1):]                                           # [B, keep-1]
     mask = target != IGNORE                                                    # [B, keep-1]
     tok = torch.nn.functional.cross_entropy(                                   # [B, keep-1]
         logits.transpose(1, 2), target.masked_fill(~mask, 0), reduction="none") * mask
-    if letter_ids is not None:
+    rows = torch.arange(len(target), device=logits.device)
+    first = mask.float().argmax(dim=1)                                         # [B] answer position
+    listwise_rows = None
+    if by_lines:
+        listwise_rows = batch["answer"] >= 0                                   # [B]
+        index = batch["answer"].clamp(min=0)                                   # [B] 0..K-1
+        scores = line_logits
+    elif letter_ids is not None:
         ids = torch.tensor(letter_ids, device=logits.device)
-        first = mask.float().argmax(dim=1)                                     # [B] answer position
-        rows = torch.arange(len(target), device=logits.device)
         answers = target[rows, first]                                          # [B]
         # a letter answer is exactly <letter><eos>: rating digits, index tokens and texts are not
-        letters = (mask.sum(dim=1) == 2) & torch.isin(answers, ids)
+        listwise_rows = (mask.sum(dim=1) == 2) & torch.isin(answers, ids)
         index = (answers[:, None] == ids[None]).float().argmax(dim=1)          # [B] 0..19
-        letter_logits = logits[rows, first][:, ids]                            # [B, K]
+        scores = logits[rows, first][:, ids]                                   # [B, K]
+    if listwise_rows is not None:
         if residual_weight and "prior" in batch:
-            prior = batch["prior"].to(letter_logits.device)                    # [B, K]
-            letter_logits = letter_logits + residual_weight * torch.log_softmax(prior, dim=1)
-        listwise = torch.nn.functional.cross_entropy(letter_logits, index,
-                                                     reduction="none")         # [B]
+            prior = batch["prior"].to(scores.device)                           # [B, K]
+            scores = scores + residual_weight * torch.log_softmax(prior, dim=1)
+        listwise = torch.nn.functional.cross_entropy(scores, index, reduction="none")  # [B]
         at_first = torch.arange(mask.shape[1], device=mask.device)[None] == first[:, None]
-        tok = torch.where(letters[:, None], listwise[:, None] * at_first, tok)  # EOS untrained
-        mask = torch.where(letters[:, None], at_first, mask)
+        tok = torch.where(listwise_rows[:, None], listwise[:, None] * at_first, tok)  # EOS untrained
+        mask = torch.where(listwise_rows[:, None], at_first, mask)
     n = mask.sum(dim=1)                                                        # [B] terms per row
     if per_example:
         return (tok.sum(dim=1) / n.clamp(min=1))[n > 0].mean()
@@ -215,10 +253,18 @@ def score_examples(model, tokenizer, examples: list[Example], fmt: str = "auto",
     bar = tqdm(range(0, len(examples), batch_size), desc="verbalizer", disable=not progress,
                unit="batch")
     truncated = 0
+    by_lines = getattr(model, "line_head", None) is not None
     for start in bar:
-        chunk = [encode(tokenizer, ex, fmt, max_len, with_response=False)
+        chunk = [encode(tokenizer, ex, fmt, max_len, with_response=False, lines=by_lines)
                  for ex in examples[start:start + batch_size]]
         truncated += sum(c["truncated"] for c in chunk)
+        if by_lines:
+            batch = collate(chunk, pad)
+            s = line_scores(model, batch["input_ids"].to(device),
+                            batch["attention_mask"].to(device), batch["lines"])[:, :n_letters]
+            scores.append(s.cpu())
+            probs.append(torch.softmax(s, dim=-1).cpu())
+            continue
         last = last_logits_shared_prefix(model, [c["input_ids"] for c in chunk], pad) \
             if shared_prefix else None
         if last is None:

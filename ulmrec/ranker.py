@@ -18,6 +18,7 @@ from .data import DataConfig
 from .data.release import RELEASE_INDEX_NOTE
 from .index_init import code_words, init_index_rows
 from .item_tokens import ItemTokens
+from .line_head import LineHead
 from .model import add_index_tokens, index_vocabulary, wrap_lora
 from .paths import is_offline, runs_root
 from .preferences import load_preferences, release_coverage, release_preferences
@@ -64,6 +65,12 @@ class RankerConfig:
         "help": "w of --residual; unset = fitted before training by maximum likelihood on the "
                 "validation lists that hold their target (the retriever's own calibration), "
                 "then saved with the run"})
+    scorer: str = field(default="letters", metadata={
+        "choices": ("letters", "lines"),
+        "help": "how a candidate list is scored: letters = the logits of the 20 answer letters at "
+                "the prompt's end (the paper's verbalizer); lines = a learned vector on the hidden "
+                "state at the end of each candidate's own line (ulmrec.line_head), trained with "
+                "the same listwise loss"})
     max_len: int = field(default=1536, metadata={"help": "token budget of a prompt + response"})
 
     def data_config(self) -> DataConfig:
@@ -214,6 +221,8 @@ def build_ranker(cfg: RankerConfig, ds=None, inputs=None, item_tokens_from: Path
         hidden = model.get_input_embeddings().weight.shape[1]
         ItemTokens.from_retriever(item_tokens_from, hidden, len(tok)).attach(model, tok)
         log.info("soft item tokens: %d items from %s", model.item_tokens.num_items, item_tokens_from)
+    if cfg.scorer == "lines":
+        LineHead.fresh(model.get_input_embeddings().weight.shape[1]).attach(model)
     return model, tok
 
 
@@ -263,6 +272,9 @@ def load_ranker(adapter_dir: Path, cfg: RankerConfig, tokenizer_dir: Path | None
     item_tokens = ItemTokens.load(adapter_dir)
     if item_tokens is not None:
         item_tokens.attach(model, tok)
+    head = LineHead.load(adapter_dir)
+    if head is not None:
+        head.attach(model)
     return model.eval(), tok
 
 

@@ -122,3 +122,15 @@ def test_a_line_scored_run_trains_resumes_and_evaluates(tmp_path, monkeypatch):
     pred = pd.read_parquet(runs / "straight" / "test_predictions.parquet")
     llm = np.stack(pred["llm_probs"].map(np.asarray))
     assert llm.std(axis=1).mean() > 0                 # a trained head, not the flat start
+    # the bundle carries the head and serves by it: its probabilities are the evaluation's
+    from train import export
+    from ulmrec.bundle import load_bundle
+    assert export.main(["--dataset", "gift-cards", "--run-name", "straight", "--results-dir",
+                        str(out), "--out", str(tmp_path / "b"), "--no-include-data"]) == 0
+    bundle = load_bundle(tmp_path / "b")
+    users = pred["user"].head(2).tolist()
+    ranked = bundle.rank(users, batch_size=2)
+    for user, r in zip(users, ranked):
+        want = pred.set_index("user").at[user, "probs"]
+        got = r.set_index("item")["prob"].reindex(pred.set_index("user").at[user, "candidates"])
+        np.testing.assert_allclose(got.to_numpy(), want, atol=1e-4)

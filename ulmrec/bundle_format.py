@@ -7,6 +7,7 @@ A bundle is one folder (or a Hub model repo with the same files):
     adapter_config.json         the LoRA adapter (PEFT), index-token rows included
     adapter_model.safetensors
     item_tokens.safetensors     (optional) soft item tokens: retriever item embedding + projection
+    line_head.safetensors       (optional) the line scorer's vector (ranker scorer 'lines')
     tokenizer.json, tokenizer_config.json, …   the backbone tokenizer + the 1,024 index tokens,
     or tokenizer_ref.json       or a reference to the backbone's tokenizer + the added tokens
     ulmrec_config.json          the ranker/task configuration the adapter was trained with

@@ -40,6 +40,7 @@ from .hubcard import scrub
 from .indexing.encoder import embed_cached, load_encoder
 from .indexing.table import parse_token_string
 from .item_tokens import FILE as ITEM_TOKENS_FILE
+from .line_head import FILE as LINE_HEAD_FILE
 from .metrics import target_ranks
 from .paths import atomic_dir, repo_path, runs_root, sha256_file
 from .ranker import load_candidates, load_pid_table, load_preference_series
@@ -342,7 +343,8 @@ def export(cfg: ExportConfig) -> Path:
     out = bundle_dir(cfg, ds.name)
 
     def fill(tmp: Path) -> None:
-        for name in ADAPTER_FILES + TOKENIZER_FILES + (ITEM_TOKENS_FILE,):   # soft item tokens: optional
+        # soft item tokens and the line scorer's head: where the run has them
+        for name in ADAPTER_FILES + TOKENIZER_FILES + (ITEM_TOKENS_FILE, LINE_HEAD_FILE):
             if (src / name).exists():
                 shutil.copy2(src / name, tmp / name)
         (tmp / "ulmrec_config.json").write_text(json.dumps(run_cfg_dict, indent=1))

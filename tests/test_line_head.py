@@ -88,8 +88,9 @@ def test_the_loss_is_the_listwise_cross_entropy_of_the_served_sum(tiny):
 
 
 def test_a_line_scored_run_trains_resumes_and_evaluates(tmp_path, monkeypatch):
-    """A residual run with the line scorer: its head trains (off zero), travels in best/ and in
-    the checkpoint, reloads for evaluation, and the evaluation ranks by it."""
+    """A residual run with the line scorer on the validation lists: its head trains (off zero),
+    travels in best/ and in the checkpoint, reloads for evaluation, and the evaluation ranks by
+    it; the validation sample never trains."""
     monkeypatch.setenv("ULMREC_RUNS", str(tmp_path))
     from train import evaluate, finetune, retrieve
     from ulmrec.checkpoint import load_checkpoint  # noqa: F401  (the resume path below)
@@ -99,7 +100,7 @@ def test_a_line_scored_run_trains_resumes_and_evaluates(tmp_path, monkeypatch):
             "--index-kind", "oid", "--preference-source", "none", "--max-history", "3",
             "--max-title-words", "4", "--max-len", "256"]
     train = data + ["--tasks", "next_item", "--task-ratio", "1", "--loss", "letters",
-                    "--train-candidates", "retriever", "--shuffle-hard", "--residual",
+                    "--train-candidates", "validation", "--shuffle-hard", "--residual",
                     "--residual-weight", "1.5", "--scorer", "lines", "--batch-size", "2",
                     "--eval-every", "2", "--eval-users", "4", "--lora-dropout", "0",
                     "--learning-rate", "0.01", "--warmup-steps", "0"]
@@ -111,7 +112,7 @@ def test_a_line_scored_run_trains_resumes_and_evaluates(tmp_path, monkeypatch):
     assert torch.count_nonzero(heads["straight"]) > 0
     torch.testing.assert_close(heads["split"], heads["straight"])
     saved = json.loads((runs / "straight" / "best" / "ulmrec_config.json").read_text())
-    assert saved["scorer"] == "lines"
+    assert saved["scorer"] == "lines" and saved["train_candidates"] == "validation"
     out = tmp_path / "results"
     assert evaluate.main(data + ["--runs", "straight", "--baselines", "retriever",
                                  "--max-users", "100", "--results-dir", str(out)]) == 0

@@ -49,6 +49,37 @@ def test_shuffled_hard_lists_keep_items_answer_and_scores_together(hard_inputs):
     assert len({e.response for e in mixed.values()}) >= 10
 
 
+def test_validation_lists_train_on_held_out_targets_less_the_sample(gift_cards, hard_inputs):
+    """train_candidates validation: one prompt per user, the whole training sequence → the
+    validation item on the retriever's validation list (shuffled, scores kept); the users of
+    the validation sample and lists without their target give none."""
+    inp, _ = hard_inputs
+    train, val = gift_cards.sequences("train"), gift_cards.targets("val")
+    users = [u for u, s in train.items() if len(s) >= 3][:30]
+    lists, scores = {}, {}
+    for k, u in enumerate(users):
+        pool = [i for i in range(1, gift_cards.num_items + 1)
+                if i not in set(gift_cards.sequences("test")[u]) | {int(val[u])}][:19]
+        # every third list misses its target: such a user gives no prompt
+        lists[u] = pool[:k % 20] + ([int(val[u])] if k % 3 else pool[19:20]) + pool[k % 20:]
+        scores[u] = [10.0 - j for j in range(20)]
+    holdout = frozenset(users[:4])
+    vinp = replace(inp, retrieved=pd.Series(lists), retrieved_scores=pd.Series(scores),
+                   retrieved_target=pd.Series({u: int(val[u]) for u in users}), holdout=holdout)
+    cfg = TaskConfig(tasks=("next_item",), task_ratio=(1.0,), train_candidates="validation",
+                     shuffle_hard=True, max_history=50)
+    exs = training_examples(vinp, cfg)
+    want = {u for k, u in enumerate(users) if k % 3 and u not in holdout}
+    assert {e.user for e in exs} == want and len(exs) == len(want)
+    for e in exs:
+        assert e.target == int(val[e.user]) and e.candidates[ord(e.response) - ord("A")] == e.target
+        assert sorted(e.candidates) == sorted(lists[e.user])
+        assert all(s == 10.0 - lists[e.user].index(i) for i, s in zip(e.candidates, e.prior))
+        # the history is the whole training sequence: its last title is shown
+        assert inp.titles[train[e.user][-1]] in e.input
+    assert sum(e.candidates != lists[e.user] for e in exs) >= len(exs) - 1
+
+
 def test_residual_loss_is_cross_entropy_of_the_served_sum():
     """The letters loss with a residual weight is the cross-entropy of letter logits + w ·
     log-softmax(retriever scores); w = 0 is the LLM alone; a row without scores is flat."""

@@ -176,6 +176,16 @@ def train(cfg: FinetuneConfig) -> dict:
 
     ds = load_dataset(cfg.data_config())
     inp, notes = load_task_inputs(ds, cfg)
+    cands = load_candidates(ds, cfg, "val")
+    val_examples, _ = eval_examples(ds, inp, cands, "val", cfg)
+    if cfg.eval_users and len(val_examples) > cfg.eval_users:
+        val_examples = random.Random(cfg.seed).sample(val_examples, cfg.eval_users)
+    if cfg.train_candidates == "validation":
+        if not cfg.eval_users:
+            raise ValueError("--train-candidates validation trains on the validation lists: give "
+                             "--eval-users N, the sample that stays out to pick the best step")
+        # the users that pick the best step never train
+        inp.holdout = frozenset(ex.user for ex in val_examples)
     examples = training_examples(inp, cfg)
     cap = cfg.max_train_examples
     if cfg.max_steps:  # no need to tokenize examples the run will never reach
@@ -189,7 +199,6 @@ def train(cfg: FinetuneConfig) -> dict:
         raise ValueError("--scorer lines scores candidate answers listwise: it needs --loss letters")
     if cfg.scorer == "lines" and acc.num_processes > 1:
         raise ValueError("--scorer lines runs its decoder outside the DDP wrapper: one process only")
-    cands = load_candidates(ds, cfg, "val")
     if cfg.residual:
         cfg = resolve_residual(cfg, examples, cands)
     for note in notes:
@@ -211,9 +220,6 @@ def train(cfg: FinetuneConfig) -> dict:
                     n_trunc, len(encoded), cfg.max_len)
     n_tokens = sum(len(e["input_ids"]) for e in encoded)
 
-    val_examples, _ = eval_examples(ds, inp, cands, "val", cfg)
-    if cfg.eval_users and len(val_examples) > cfg.eval_users:
-        val_examples = random.Random(cfg.seed).sample(val_examples, cfg.eval_users)
     # the bar each validation score has to clear: the lists' own (retriever) order, same users
     val_retriever = retriever_order_ndcg(val_examples)
     log.info("validation: %d users; the retriever's own order scores NDCG@10 %.4f on them",

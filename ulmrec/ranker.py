@@ -120,11 +120,12 @@ def load_task_inputs(ds, cfg) -> tuple[TaskInputs, list[str]]:
     elif cfg.index_kind == "pid":             # built with the preference text: may too
         notes += pid_index_notes(ds.name, cfg.index_run)
     inp = task_inputs(ds, index, prefs, cfg.max_title_words, getattr(cfg, "item_tokens", False))
-    if getattr(cfg, "train_candidates", "random") in ("retriever", "retriever-only"):
+    mode = getattr(cfg, "train_candidates", "random")
+    if mode in ("retriever", "retriever-only", "validation"):
         if cfg.retriever == "random":
             raise ValueError(f"train_candidates '{cfg.train_candidates}' needs a retriever run, "
                              "not retriever 'random'")
-        frame = load_candidates(ds, cfg, "train")
+        frame = load_candidates(ds, cfg, "val" if mode == "validation" else "train")
         if frame.empty:
             raise ValueError(f"{ds.name}: the '{cfg.retriever}' candidates have no train rows (made "
                              f"before they were exported); rerun `python -m train.retrieve --dataset "
@@ -133,9 +134,14 @@ def load_task_inputs(ds, cfg) -> tuple[TaskInputs, list[str]]:
         if "scores" in frame:
             inp.retrieved_scores = frame.set_index("user")["scores"]
         held = frame["target_in_candidates"].mean()
-        notes.append(f"next-item training candidates: the retriever's top-{cfg.num_candidates} for "
-                     f"the last training item where it holds the target ({held:.1%} of users), "
-                     "random elsewhere")
+        if mode == "validation":
+            inp.retrieved_target = frame.set_index("user")["target"]
+            notes.append(f"next-item training prompts: the retriever's held-out validation lists "
+                         f"that hold their target ({held:.1%} of users), less the validation sample")
+        else:
+            notes.append(f"next-item training candidates: the retriever's top-{cfg.num_candidates} for "
+                         f"the last training item where it holds the target ({held:.1%} of users), "
+                         "random elsewhere")
     if inp.ratings is None and "rating" in cfg.tasks:
         notes.append("rating task skipped: this dataset has no ratings")
     return inp, notes

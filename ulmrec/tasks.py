@@ -46,8 +46,12 @@ class TaskConfig:
                 "(the retriever's top-20 for the last training item, in retriever order, where "
                 "it holds the target: the hard lists test prompts have; other prefixes random) "
                 "or retriever-only (only those hard prompts: every next-item example looks like "
-                "a test prompt, as LlamaRec trains; on games 8,629 of 15,264 users)",
-        "choices": ("random", "retriever", "retriever-only")})
+                "a test prompt, as LlamaRec trains; on games 8,629 of 15,264 users), or "
+                "validation (only the retriever's held-out lists: the validation item after the "
+                "whole training sequence, where the top-20 holds it; the retriever never trained "
+                "on those targets, so the lists are as hard as the test's; the validation sample "
+                "that picks the best step is left out)",
+        "choices": ("random", "retriever", "retriever-only", "validation")})
     shuffle_hard: bool = field(default=False, metadata={
         "help": "show the retriever's hard training lists in a random order (the random lists "
                 "always are): a letter then says nothing about the retriever's rank, so the LLM "
@@ -95,6 +99,10 @@ class TaskInputs:
     # user → the retriever's top-20 for the last training item (train_candidates=retriever)
     retrieved: pd.Series | None = None
     retrieved_scores: pd.Series | None = None   # user → the retriever's scores of that list
+    # train_candidates=validation: user → the validation item those lists were retrieved for,
+    # and the users whose lists stay out of training (the validation sample)
+    retrieved_target: pd.Series | None = None
+    holdout: frozenset = frozenset()
 
 
 def user_index_strings(ds, kind: str, pid_table: pd.DataFrame | None = None) -> pd.Series | None:
@@ -252,9 +260,27 @@ class _User:
     index: str | None         # the index string, None for index kind 'none'
 
 
+def _shuffled(cands: list[int], prior: list[float] | None, rng: random.Random
+              ) -> tuple[list[int], list[float] | None]:
+    """A hard list in a random order, each item keeping its retriever score."""
+    order = list(range(len(cands)))
+    rng.shuffle(order)
+    return [cands[k] for k in order], None if prior is None else [prior[k] for k in order]
+
+
 def _next_item(inp: TaskInputs, u: _User, cfg: TaskConfig, rng: random.Random) -> list[Example]:
     """Every training prefix → its next item (the last prefix: the retriever's hard list where
-    it holds the target, with train_candidates retriever / retriever-only)."""
+    it holds the target, with train_candidates retriever / retriever-only); with
+    train_candidates validation, the whole training sequence → the validation item, on the
+    retriever's held-out list."""
+    if cfg.train_candidates == "validation":
+        target = inp.retrieved_target.get(u.user) if inp.retrieved_target is not None else None
+        hard = (None if target is None or u.user in inp.holdout
+                else _retrieved(inp, u.user, int(target), cfg.num_candidates, rng))
+        if hard is None:
+            return []
+        cands, prior = _shuffled(*hard, rng) if cfg.shuffle_hard else hard
+        return [next_item_example(inp, u.user, u.seq, cands, int(target), cfg, rng, prior)]
     only_hard = cfg.train_candidates == "retriever-only"     # the last prefix, hard lists only
     prefixes = 1 if only_hard else cfg.max_prefixes_per_user
     ends = range(len(u.seq) - 1, 0, -1)
@@ -269,12 +295,7 @@ def _next_item(inp: TaskInputs, u: _User, cfg: TaskConfig, rng: random.Random) -
             continue
         prior = None
         if hard is not None:
-            cands, prior = hard
-            if cfg.shuffle_hard:
-                order = list(range(len(cands)))
-                rng.shuffle(order)
-                cands = [cands[k] for k in order]
-                prior = None if prior is None else [prior[k] for k in order]
+            cands, prior = _shuffled(*hard, rng) if cfg.shuffle_hard else hard
         else:
             cands = _sample_candidates(rng, target, _seen(inp, u.user, history), inp.num_items,
                                        cfg.num_candidates)

@@ -99,6 +99,9 @@ def main(argv=None) -> int:
     ap.add_argument("--orders", type=int, default=1,
                     help="read the predictions `train.evaluate --test-orders N` wrote (1 = one order)")
     ap.add_argument("--out", default=None, help="JSON of the pairs (default results/paired-<dataset>.json)")
+    ap.add_argument("--merge", action="store_true",
+                    help="add the pairs to --out's rows instead of replacing the file (a pair "
+                         "already there for the same systems and sample is replaced)")
     args = ap.parse_args(argv)
 
     frames = {}
@@ -152,7 +155,7 @@ def main(argv=None) -> int:
         d = scores[a] - scores[b]
         lo, hi = bootstrap(d, args.bootstrap)
         rows.append({"a": a, "b": b, "mean": float(d.mean()), "lo": lo, "hi": hi,
-                     "users": len(users), "a_better": int((d > 0).sum()),
+                     "sample": args.block, "users": len(users), "a_better": int((d > 0).sum()),
                      "b_better": int((d < 0).sum())})
         pairs.append([f"{a} − {b}", f"{d.mean():+.4f}", f"[{lo:+.4f}, {hi:+.4f}]",
                       f"{int((d > 0).sum())} / {int((d < 0).sum())} / {int((d == 0).sum())}"])
@@ -160,6 +163,10 @@ def main(argv=None) -> int:
                                  "A better / B better / tie (users)"], pairs, "lrll"))
     out = Path(args.out) if args.out else Path(__file__).resolve().parents[1] / "results" / f"paired-{args.dataset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge and out.exists():
+        new = {(r["a"], r["b"], r["sample"]) for r in rows}
+        rows = [r for r in json.loads(out.read_text())
+                if (r["a"], r["b"], r.get("sample", 0)) not in new] + rows
     atomic_write(out, lambda p: p.write_text(json.dumps(rows, indent=1) + "\n"))
     print(f"\n{len(rows)} pairs (a − b, 95% CI) → {out.name}; systems: "
           + ", ".join(f"{k} {v.mean():.4f}" for k, v in scores.items()))

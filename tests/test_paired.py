@@ -89,3 +89,17 @@ def test_retriever_groups_average_their_seeds_per_user(monkeypatch, tmp_path):
     rep = json.loads(out.read_text())
     assert rep["metrics"]["a,b"]["Recall@10"] == 0.5 and rep["metrics"]["a,b"]["Recall@20"] == 1.0
     assert rep["paired"]["c"]["Recall@10"]["mean"] == 0.5
+
+
+def test_merge_adds_pairs_and_replaces_only_the_same_pair_of_the_same_sample(runs):
+    out = runs / "pairs.json"
+    out.write_text(json.dumps([{"a": "old", "b": "retriever order", "mean": 0.1, "lo": 0, "hi": 0.2},
+                               {"a": "a", "b": "b", "mean": 9.0, "lo": 9, "hi": 9, "sample": 0}]))
+    assert paired.main(["--runs", "a", "b", "--out", str(out), "--bootstrap", "100", "--merge"]) == 0
+    rows = json.loads(out.read_text())
+    keys = [(r["a"], r["b"], r.get("sample")) for r in rows]
+    assert ("old", "retriever order", None) in keys                # kept
+    assert keys.count(("a", "b", 0)) == 1                           # replaced, not doubled
+    assert next(r for r in rows if (r["a"], r["b"]) == ("a", "b"))["mean"] != 9.0
+    assert paired.main(["--runs", "a", "b", "--out", str(out), "--bootstrap", "100"]) == 0
+    assert "old" not in {r["a"] for r in json.loads(out.read_text())}   # without --merge: replaced

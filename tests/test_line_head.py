@@ -92,13 +92,9 @@ def test_a_line_scored_run_trains_resumes_and_evaluates(tmp_path, monkeypatch):
     travels in best/ and in the checkpoint, reloads for evaluation, and the evaluation ranks by
     it; the validation sample never trains."""
     monkeypatch.setenv("ULMREC_RUNS", str(tmp_path))
-    from train import evaluate, finetune, retrieve
-    from ulmrec.checkpoint import load_checkpoint  # noqa: F401  (the resume path below)
-    assert retrieve.main(["--dataset", "gift-cards", "--model", "lrurec", "--max-epochs", "2",
-                          "--hidden", "16", "--threads", "1", "--ema-epochs", "0"]) == 0
-    data = ["--dataset", "gift-cards", "--tiny-backbone", "--retriever", "lrurec",
-            "--index-kind", "oid", "--preference-source", "none", "--max-history", "3",
-            "--max-title-words", "4", "--max-len", "256"]
+    from tiny_run import RESIDUAL_DATA as data, train_tiny_retriever
+    from train import evaluate, finetune
+    train_tiny_retriever()
     train = data + ["--tasks", "next_item", "--task-ratio", "1", "--loss", "letters",
                     "--train-candidates", "validation", "--shuffle-hard", "--residual",
                     "--residual-weight", "1.5", "--scorer", "lines", "--batch-size", "2",

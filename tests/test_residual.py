@@ -157,9 +157,7 @@ def test_residual_run_trains_evaluates_and_pairs_as_its_sum(tmp_path, monkeypatc
     from train import evaluate, finetune, retrieve
     assert retrieve.main(["--dataset", "gift-cards", "--model", "lrurec", "--max-epochs", "3",
                           "--hidden", "16", "--threads", "1", "--ema-epochs", "0"]) == 0
-    data = ["--dataset", "gift-cards", "--tiny-backbone", "--retriever", "lrurec",
-            "--index-kind", "oid", "--preference-source", "none", "--max-history", "3",
-            "--max-title-words", "4", "--max-len", "256"]
+    from tiny_run import RESIDUAL_DATA as data
     assert finetune.main(data + [
         "--run-name", "res", "--tasks", "next_item", "--task-ratio", "1", "--loss", "letters",
         "--train-candidates", "retriever-only", "--shuffle-hard", "--residual",

@@ -21,3 +21,9 @@ def train_tiny_retriever() -> None:
     from ulmrec.retrieval.trainer import RetrievalConfig, run
     run(RetrievalConfig(dataset="gift-cards", model="lrurec", hidden=16, max_epochs=2,
                         batch_size=64, max_len=20))
+
+
+# a residual ranker over the tiny retriever: gift-cards, a seeded random Llama, short prompts
+RESIDUAL_DATA = ["--dataset", "gift-cards", "--tiny-backbone", "--retriever", "lrurec",
+                 "--index-kind", "oid", "--preference-source", "none", "--max-history", "3",
+                 "--max-title-words", "4", "--max-len", "256"]

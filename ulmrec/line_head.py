@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 FILE = "line_head.safetensors"
-BLOCK = "Candidates:\n"     # ulmrec.prompts.candidates_block opens every candidate list so
+BLOCK = "Candidates:\n"     # how ulmrec.prompts.candidates_block opens every candidate list
 
 
 class LineHead(nn.Module):

@@ -228,7 +228,9 @@ def build_ranker(cfg: RankerConfig, ds=None, inputs=None, item_tokens_from: Path
         ItemTokens.from_retriever(item_tokens_from, hidden, len(tok)).attach(model, tok)
         log.info("soft item tokens: %d items from %s", model.item_tokens.num_items, item_tokens_from)
     if cfg.scorer == "lines":
-        LineHead.fresh(model.get_input_embeddings().weight.shape[1]).attach(model)
+        head = LineHead.fresh(model.get_input_embeddings().weight.shape[1]).attach(model)
+        log.info("line scorer: a %d-weight vector on each candidate line's last hidden state "
+                 "(trainable beside the LoRA)", head.weight.numel())
     return model, tok
 
 

@@ -125,9 +125,10 @@ def load_task_inputs(ds, cfg) -> tuple[TaskInputs, list[str]]:
         if cfg.retriever == "random":
             raise ValueError(f"train_candidates '{cfg.train_candidates}' needs a retriever run, "
                              "not retriever 'random'")
-        frame = load_candidates(ds, cfg, "val" if mode == "validation" else "train")
+        split = "val" if mode == "validation" else "train"
+        frame = load_candidates(ds, cfg, split)
         if frame.empty:
-            raise ValueError(f"{ds.name}: the '{cfg.retriever}' candidates have no train rows (made "
+            raise ValueError(f"{ds.name}: the '{cfg.retriever}' candidates have no {split} rows (made "
                              f"before they were exported); rerun `python -m train.retrieve --dataset "
                              f"{ds.name} --model {cfg.retriever}` to re-export them")
         inp.retrieved = frame.set_index("user")["candidates"]

@@ -397,11 +397,13 @@ def test_every_pipeline_yaml_in_configs_builds(path, monkeypatch, tmp_path):
         pytest.skip("a single stage's config, not a pipeline")
     monkeypatch.setenv("ULMREC_RUNS", str(tmp_path))
     sections = pipeline.build_sections(spec, PipelineConfig(), pipeline.STAGES, path)
-    if path.name == "cpu-best.yaml":   # the two-stage ranker the games demo bundles
-        assert sections["refine"]["init_from"] == str(tmp_path / "games" / "finetune" / "ulmrec-long-avg" / "best")
-        assert sections["refine"]["tasks"] == ["next_item"] and sections["refine"]["max_len"] == 768
-        assert sections["export"]["run_name"] == sections["refine"]["run_name"] == "ulmrec-staged-avg"
-        assert sections["evaluate"]["runs"] == ["ulmrec-staged-avg"]
+    if path.name == "cpu-best.yaml":   # the ranker the games demo bundles
+        ft = sections["finetune"]
+        assert ft["scorer"] == "lines" and ft["residual"] and ft["train_candidates"] == "validation"
+        assert ft["index_kind"] == "pid" and ft["index_run"] == "index-served"
+        assert sections["export"]["run_name"] == ft["run_name"] == "lines-val-pid"
+        assert sections["evaluate"]["runs"] == ["lines-val-pid"]
+        assert sections["export"]["decode"] == "decode-pid-3k"
 
 
 def test_run_help_names_the_command_and_the_from_flag(capsys):

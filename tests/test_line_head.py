@@ -87,6 +87,13 @@ def test_the_loss_is_the_listwise_cross_entropy_of_the_served_sum(tiny):
         model.line_head.weight.zero_()
 
 
+# a tiny residual run of the line scorer on the validation lists (after tiny_run's data flags)
+LINE_RUN = ["--tasks", "next_item", "--task-ratio", "1", "--loss", "letters",
+            "--train-candidates", "validation", "--shuffle-hard", "--residual",
+            "--residual-weight", "1.5", "--scorer", "lines", "--batch-size", "2",
+            "--eval-every", "2", "--eval-users", "4", "--lora-dropout", "0", "--warmup-steps", "0"]
+
+
 def test_a_line_scored_run_trains_resumes_and_evaluates(tmp_path, monkeypatch):
     """A residual run with the line scorer on the validation lists: its head trains (off zero),
     travels in best/ and in the checkpoint, reloads for evaluation, and the evaluation ranks by
@@ -95,11 +102,7 @@ def test_a_line_scored_run_trains_resumes_and_evaluates(tmp_path, monkeypatch):
     from tiny_run import RESIDUAL_DATA as data, train_tiny_retriever
     from train import evaluate, finetune
     train_tiny_retriever()
-    train = data + ["--tasks", "next_item", "--task-ratio", "1", "--loss", "letters",
-                    "--train-candidates", "validation", "--shuffle-hard", "--residual",
-                    "--residual-weight", "1.5", "--scorer", "lines", "--batch-size", "2",
-                    "--eval-every", "2", "--eval-users", "4", "--lora-dropout", "0",
-                    "--learning-rate", "0.01", "--warmup-steps", "0"]
+    train = data + LINE_RUN + ["--learning-rate", "0.01"]
     assert finetune.main(train + ["--run-name", "straight", "--max-steps", "4"]) == 0
     assert finetune.main(train + ["--run-name", "split", "--max-steps", "4", "--stop-after", "2"]) == 0
     assert finetune.main(train + ["--run-name", "split", "--max-steps", "4"]) == 0
@@ -131,3 +134,28 @@ def test_a_line_scored_run_trains_resumes_and_evaluates(tmp_path, monkeypatch):
         want = pred.set_index("user").at[user, "probs"]
         got = r.set_index("item")["prob"].reindex(pred.set_index("user").at[user, "candidates"])
         np.testing.assert_allclose(got.to_numpy(), want, atol=1e-4)
+
+
+def test_the_line_head_learns_at_its_own_rate(tmp_path, monkeypatch):
+    """--line-head-lr gives the head its own AdamW group: with the LoRA's rate at 0 the head
+    leaves zero while every LoRA B matrix stays at its zero start, and a resumed run replays
+    the straight one (the two groups travel in the checkpoint)."""
+    monkeypatch.setenv("ULMREC_RUNS", str(tmp_path))
+    from safetensors.torch import load_file
+    from tiny_run import RESIDUAL_DATA as data, train_tiny_retriever
+    from train import finetune
+    train_tiny_retriever()
+    train = data + LINE_RUN + ["--learning-rate", "0", "--line-head-lr", "0.01", "--max-steps", "4"]
+    assert finetune.main(train + ["--run-name", "straight"]) == 0
+    assert finetune.main(train + ["--run-name", "split", "--stop-after", "2"]) == 0
+    assert finetune.main(train + ["--run-name", "split"]) == 0
+    runs = tmp_path / "gift-cards" / "finetune"
+    heads = {n: LineHead.load(runs / n / "last").weight for n in ("straight", "split")}
+    assert torch.count_nonzero(heads["straight"]) > 0
+    torch.testing.assert_close(heads["split"], heads["straight"])
+    lora = load_file(str(runs / "straight" / "last" / "adapter_model.safetensors"))
+    b = [t for k, t in lora.items() if "lora_B" in k]
+    assert b and all(torch.count_nonzero(t) == 0 for t in b)
+    with pytest.raises(ValueError, match="line-head-lr"):
+        finetune.main(train[:train.index("--scorer")] + train[train.index("--scorer") + 2:]
+                      + ["--run-name", "letters"])

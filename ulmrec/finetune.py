@@ -59,6 +59,10 @@ class FinetuneConfig(RankerConfig, TaskConfig, TrainingArguments):
     max_train_examples: int = field(default=0, metadata={"help": "cap on training examples (0 = all)"})
     eval_users: int = field(default=200, metadata={"help": "validation users sampled (0 = all)"})
     eval_batch_size: int = 8
+    line_head_lr: float | None = field(default=None, metadata={
+        "help": "learning rate of the line scorer's vector (--scorer lines); unset = "
+                "--learning-rate. The vector starts at zero and every gradient the LoRA gets "
+                "passes through it, so at a LoRA's rate it hardly leaves zero"})
     init_from: str | None = field(default=None, metadata={
         "help": "start from another run's trained weights (its best/ or last/ adapter, or its "
                 "checkpoint/), with a fresh optimizer and schedule: a warm start for a longer or "
@@ -197,6 +201,8 @@ def train(cfg: FinetuneConfig) -> dict:
     log.info("training examples per task: %s", counts)
     if cfg.scorer == "lines" and cfg.loss != "letters":
         raise ValueError("--scorer lines scores candidate answers listwise: it needs --loss letters")
+    if cfg.line_head_lr is not None and cfg.scorer != "lines":
+        raise ValueError("--line-head-lr sets the line scorer's rate: it needs --scorer lines")
     if cfg.scorer == "lines" and acc.num_processes > 1:
         raise ValueError("--scorer lines runs its decoder outside the DDP wrapper: one process only")
     if cfg.residual:
@@ -249,11 +255,18 @@ def train(cfg: FinetuneConfig) -> dict:
         init_weights(model, Path(cfg.init_from), cfg)
         log.info("warm start from %s", cfg.init_from)
 
+    def param_groups(model) -> list[dict]:
+        head = [p for n, p in model.named_parameters() if n.startswith("line_head.")]
+        rest = [p for n, p in model.named_parameters()
+                if p.requires_grad and not n.startswith("line_head.")]
+        return [{"params": rest}, {"params": head, "lr": cfg.line_head_lr}]
+
     loss_fn = partial(response_loss, letter_ids=letter_ids,
                       per_example=cfg.loss_weighting == "example",
                       residual_weight=cfg.residual_weight if cfg.residual else 0.0)
     fitted = fit(model, encoded, cfg, out, loss_fn=loss_fn, pad_id=tok.pad_token_id, seed=cfg.seed,
                  evaluate=evaluate, save=save, init=init if cfg.init_from else None,
+                 param_groups=param_groups if cfg.line_head_lr is not None else None,
                  accelerator=acc, desc="finetune")
     run = {"run": cfg.run_name, "steps": fitted["steps"], "best_val_ndcg10": fitted["best"],
            "history": fitted["history"]}

@@ -98,6 +98,7 @@ def fit(model, encoded: list[dict], args: TrainingArguments, out: Path, *,
         evaluate: Callable[[torch.nn.Module], dict] | None = None,
         save: Callable[[torch.nn.Module, str], None] | None = None,
         init: Callable[[torch.nn.Module], None] | None = None,
+        param_groups: Callable[[torch.nn.Module], list[dict]] | None = None,
         accelerator=None, desc: str = "train") -> dict:
     """Train (or resume) `model` on `encoded` (ulmrec.model.encode rows, batched by
     ulmrec.model.collate with `pad_id`; or any rows, batched by `collate_fn(rows)` into a dict
@@ -106,14 +107,18 @@ def fit(model, encoded: list[dict], args: TrainingArguments, out: Path, *,
     evaluate: every `eval_every` steps and at the end; a higher "score" is better, a better
     one calls save(model, "best"). save(model, "last") once training ends. init(model): a
     warm start, applied only when there is no checkpoint to resume. A checkpoint is written at
-    each validation, every `args.ckpt_every` steps, at --stop-after and at the end."""
+    each validation, every `args.ckpt_every` steps, at --stop-after and at the end.
+    param_groups(model): AdamW's parameter groups, for parts that learn at a rate of their own
+    (each group's "lr" follows the same warmup and schedule); by default one group, every
+    trainable parameter at args.learning_rate."""
     from transformers import get_scheduler   # on first use: ~7 s to import, and --help never needs it
 
     out = Path(out)
     acc = accelerator or make_accelerator(args.grad_accum)
     micro = args.batch_size * acc.num_processes
     steps_per_epoch, total = total_steps(len(encoded), args, acc.num_processes)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = (param_groups(model) if param_groups is not None
+              else [p for p in model.parameters() if p.requires_grad])
     optim = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
     sched = get_scheduler(SCHEDULES[args.lr_schedule], optim,
                           num_warmup_steps=min(args.warmup_steps, total // 10 or 1),

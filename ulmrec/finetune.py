@@ -256,9 +256,8 @@ def train(cfg: FinetuneConfig) -> dict:
         log.info("warm start from %s", cfg.init_from)
 
     def param_groups(model) -> list[dict]:
-        head = [p for n, p in model.named_parameters() if n.startswith("line_head.")]
-        rest = [p for n, p in model.named_parameters()
-                if p.requires_grad and not n.startswith("line_head.")]
+        head = list(model.line_head.parameters())
+        rest = [p for p in model.parameters() if p.requires_grad and all(p is not h for h in head)]
         return [{"params": rest}, {"params": head, "lr": cfg.line_head_lr}]
 
     loss_fn = partial(response_loss, letter_ids=letter_ids,

@@ -103,3 +103,23 @@ def test_merge_adds_pairs_and_replaces_only_the_same_pair_of_the_same_sample(run
     assert next(r for r in rows if (r["a"], r["b"]) == ("a", "b"))["mean"] != 9.0
     assert paired.main(["--runs", "a", "b", "--out", str(out), "--bootstrap", "100"]) == 0
     assert "old" not in {r["a"] for r in json.loads(out.read_text())}   # without --merge: replaced
+
+
+def test_the_weight_curve_runs_from_the_llm_term_to_the_retrievers_order(monkeypatch, tmp_path, capsys):
+    from bench import residual_weight
+    monkeypatch.setenv("ULMREC_RUNS", str(tmp_path))
+    folder = tmp_path / "games" / "finetune" / "res"
+    folder.mkdir(parents=True)
+    # the retriever lists the target second; the LLM term puts it first for user 1 only
+    pd.DataFrame({"user": [1, 2], "candidates": [[10, 20, 30]] * 2, "target": [20, 20],
+                  "probs": [[0.3, 0.4, 0.3]] * 2,
+                  "llm_probs": [[0.1, 0.8, 0.1], [0.8, 0.15, 0.05]],
+                  "retriever_scores": [[3.0, 2.0, 1.0]] * 2}).to_parquet(folder / "test_predictions.parquet")
+    curve = residual_weight.weight_curve(pd.read_parquet(folder / "test_predictions.parquet"))
+    assert curve["w 0"] == pytest.approx((1 + 1 / np.log2(3)) / 2)        # the LLM term alone
+    assert curve["w 5"] == pytest.approx(curve["retriever order"]) == pytest.approx(1 / np.log2(3))
+    assert residual_weight.main(["--run", "res"]) == 0 and "w 0.7" in capsys.readouterr().out
+    pd.DataFrame({"user": [1], "candidates": [[10, 20]], "target": [20], "probs": [[0.5, 0.5]]}
+                 ).to_parquet(folder / "test_predictions_b1.parquet")
+    assert residual_weight.main(["--run", "res", "--block", "1"]) == 2
+    assert "not a residual run" in capsys.readouterr().err

@@ -110,3 +110,21 @@ def test_a_hybrid_warm_start_keeps_its_projection(trained):
     assert not torch.equal(model.item_tokens.proj.weight, saved.proj.weight)
     init_weights(model, run, cfg)
     torch.testing.assert_close(model.item_tokens.proj.weight, saved.proj.weight)
+
+
+def test_the_projection_learns_alone_at_its_own_rate(trained, monkeypatch):
+    """--learning-rate 0 --item-tokens-lr: CoLLM's projector stage, the LoRA frozen."""
+    from safetensors.torch import load_file
+    monkeypatch.setenv("ULMREC_RUNS", str(trained / "runs"))
+    common = ARGS + ["--max-steps", "2", "--eval-every", "2", "--batch-size", "2", "--eval-users", "4",
+                     "--warmup-steps", "0", "--lora-dropout", "0", "--learning-rate", "0", "--seed", "5"]
+    for name, lr in (("projector", "0.01"), ("still", "0")):
+        assert finetune.main(common + ["--item-tokens", "--item-tokens-lr", lr, "--run-name", name]) == 0
+    runs = trained / "runs" / "gift-cards" / "finetune"
+    moved, start = (ItemTokens.load(runs / n / "last").proj.weight for n in ("projector", "still"))
+    assert not torch.equal(moved, start)                   # same seed, same start: it trained
+    lora = load_file(str(runs / "projector" / "last" / "adapter_model.safetensors"))
+    b = [t for k, t in lora.items() if "lora_B" in k]
+    assert b and all(torch.count_nonzero(t) == 0 for t in b)
+    with pytest.raises(ValueError, match="item-tokens-lr"):
+        finetune.main(common + ["--item-tokens-lr", "0.01", "--run-name", "text-only"])

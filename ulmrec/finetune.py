@@ -63,6 +63,10 @@ class FinetuneConfig(RankerConfig, TaskConfig, TrainingArguments):
         "help": "learning rate of the line scorer's vector (--scorer lines); unset = "
                 "--learning-rate. The vector starts at zero and every gradient the LoRA gets "
                 "passes through it, so at a LoRA's rate it hardly leaves zero"})
+    item_tokens_lr: float | None = field(default=None, metadata={
+        "help": "learning rate of the soft item tokens' projection (--item-tokens); unset = "
+                "--learning-rate. With --learning-rate 0 only the projection (and a line head "
+                "at its own rate) trains: CoLLM's projector stage, the LoRA frozen"})
     init_from: str | None = field(default=None, metadata={
         "help": "start from another run's trained weights (its best/ or last/ adapter, or its "
                 "checkpoint/), with a fresh optimizer and schedule: a warm start for a longer or "
@@ -203,6 +207,8 @@ def train(cfg: FinetuneConfig) -> dict:
         raise ValueError("--scorer lines scores candidate answers listwise: it needs --loss letters")
     if cfg.line_head_lr is not None and cfg.scorer != "lines":
         raise ValueError("--line-head-lr sets the line scorer's rate: it needs --scorer lines")
+    if cfg.item_tokens_lr is not None and not cfg.item_tokens:
+        raise ValueError("--item-tokens-lr sets the soft item tokens' projection rate: it needs --item-tokens")
     if cfg.scorer == "lines" and acc.num_processes > 1:
         raise ValueError("--scorer lines runs its decoder outside the DDP wrapper: one process only")
     if cfg.residual:
@@ -255,17 +261,22 @@ def train(cfg: FinetuneConfig) -> dict:
         init_weights(model, Path(cfg.init_from), cfg)
         log.info("warm start from %s", cfg.init_from)
 
+    own_rates = [(m, lr) for m, lr in ((getattr(model, "line_head", None), cfg.line_head_lr),
+                                       (getattr(item_tokens, "proj", None), cfg.item_tokens_lr))
+                 if lr is not None]
+
     def param_groups(model) -> list[dict]:
-        head = list(model.line_head.parameters())
-        rest = [p for p in model.parameters() if p.requires_grad and all(p is not h for h in head)]
-        return [{"params": rest}, {"params": head, "lr": cfg.line_head_lr}]
+        groups = [{"params": list(m.parameters()), "lr": lr} for m, lr in own_rates]
+        taken = [p for g in groups for p in g["params"]]
+        rest = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in taken)]
+        return [{"params": rest}] + groups
 
     loss_fn = partial(response_loss, letter_ids=letter_ids,
                       per_example=cfg.loss_weighting == "example",
                       residual_weight=cfg.residual_weight if cfg.residual else 0.0)
     fitted = fit(model, encoded, cfg, out, loss_fn=loss_fn, pad_id=tok.pad_token_id, seed=cfg.seed,
                  evaluate=evaluate, save=save, init=init if cfg.init_from else None,
-                 param_groups=param_groups if cfg.line_head_lr is not None else None,
+                 param_groups=param_groups if own_rates else None,
                  accelerator=acc, desc="finetune")
     run = {"run": cfg.run_name, "steps": fitted["steps"], "best_val_ndcg10": fitted["best"],
            "history": fitted["history"]}

@@ -19,6 +19,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/residual_weight.py` from anywhere
 
+from bench.paired import _targets_and_probs, llm_term  # noqa: E402
 from ulmrec.fusion import log_softmax  # noqa: E402
 from ulmrec.metrics import ndcg_per_user, target_ranks  # noqa: E402
 from ulmrec.paths import prediction_suffix, runs_root  # noqa: E402
@@ -29,10 +30,9 @@ GRID = (0.0, 0.25, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0)
 def weight_curve(frame: pd.DataFrame, grid=GRID) -> dict[str, float]:
     """Mean Rank NDCG@10 over the users whose target is listed: one entry per w of `grid`, and
     the retriever's own order (w → ∞)."""
-    pos = np.array([list(c).index(t) if t in list(c) else -1
-                    for c, t in zip(frame["candidates"], frame["target"])])
+    pos, llm_probs = _targets_and_probs(llm_term(frame))
     keep = pos >= 0
-    llm = np.log(np.stack(frame["llm_probs"].map(np.asarray).to_list())[keep] + 1e-30)      # [U, K]
+    llm = np.log(llm_probs[keep] + 1e-30)                                                   # [U, K]
     prior = log_softmax(np.stack(frame["retriever_scores"].map(np.asarray).to_list())[keep])  # [U, K]
     curve = {f"w {w:g}": float(ndcg_per_user(target_ranks(llm + w * prior, pos[keep]), 10).mean())
              for w in grid}

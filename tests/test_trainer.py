@@ -92,3 +92,38 @@ def test_a_killed_run_resumes_from_its_last_periodic_checkpoint(one_thread):
     assert read_state(one_thread / "b" / "checkpoint")["step"] == 6      # steps 7.. were lost
     resumed = fit(Toy(), rows, args, one_thread / "b", loss_fn=loss, collate_fn=collate)["losses"]
     assert resumed == pytest.approx(straight)
+
+
+def test_a_run_cut_from_a_longer_schedule_takes_its_first_steps(one_thread):
+    """schedule_steps: 4 steps of a 10-step schedule are the long run's first 4 (learning
+    rates and losses), not a 4-step schedule of their own; a schedule shorter than the run
+    is an error."""
+    import torch
+
+    from ulmrec.trainer import TrainingArguments, fit
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.w = torch.nn.Linear(2, 1)
+
+        def trainable_state(self):
+            return dict(self.named_parameters())
+
+    rows = [{"x": [float(i), 1.0], "y": float(i % 2)} for i in range(40)]
+    collate = lambda rs: {"x": torch.tensor([r["x"] for r in rs]), "y": torch.tensor([r["y"] for r in rs])}  # noqa: E731
+    loss = lambda m, b: ((m.w(b["x"]).squeeze(-1) - b["y"]) ** 2).mean()  # noqa: E731
+    base = dict(learning_rate=0.01, batch_size=4, warmup_steps=2, eval_every=0, ckpt_every=0)
+    long = fit(Toy(), rows, TrainingArguments(max_steps=10, **base), one_thread / "long",
+               loss_fn=loss, collate_fn=collate)
+    cut = fit(Toy(), rows, TrainingArguments(max_steps=4, schedule_steps=10, **base),
+              one_thread / "cut", loss_fn=loss, collate_fn=collate)
+    own = fit(Toy(), rows, TrainingArguments(max_steps=4, **base), one_thread / "own",
+              loss_fn=loss, collate_fn=collate)
+    assert cut["lr"] == pytest.approx(long["lr"][:4])
+    assert cut["losses"] == pytest.approx(long["losses"][:4])
+    assert own["lr"][3] < cut["lr"][3]            # its own 4-step schedule decays faster
+    with pytest.raises(ValueError, match="schedule-steps 3"):
+        fit(Toy(), rows, TrainingArguments(max_steps=4, schedule_steps=3, **base),
+            one_thread / "short", loss_fn=loss, collate_fn=collate)

@@ -52,6 +52,10 @@ class TrainingArguments:
     batch_size: int = 4
     grad_accum: int = 1
     warmup_steps: int = 100
+    schedule_steps: int = field(default=0, metadata={
+        "help": "the learning-rate schedule's length in optimizer steps (0 = the run's own); a "
+                "run cut shorter than its schedule takes the same steps as the first ones of "
+                "the longer run"})
     max_grad_norm: float = field(default=0.0, metadata={
         "help": "clip the gradient norm to this before each optimizer step (0 = no clipping)"})
     lr_schedule: str = field(default="linear", metadata={
@@ -120,9 +124,13 @@ def fit(model, encoded: list[dict], args: TrainingArguments, out: Path, *,
     params = (param_groups(model) if param_groups is not None
               else [p for p in model.parameters() if p.requires_grad])
     optim = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    if args.schedule_steps and args.schedule_steps < total:
+        raise ValueError(f"--schedule-steps {args.schedule_steps} is shorter than the run's "
+                         f"{total} steps: the learning rate would reach 0 before the end")
+    schedule = args.schedule_steps or total
     sched = get_scheduler(SCHEDULES[args.lr_schedule], optim,
-                          num_warmup_steps=min(args.warmup_steps, total // 10 or 1),
-                          num_training_steps=total)
+                          num_warmup_steps=min(args.warmup_steps, schedule // 10 or 1),
+                          num_training_steps=schedule)
     # The scheduler stays out of acc.prepare: Accelerate would step it once per process per
     # optimizer step (8 GPUs: the LR reaches 0 after 1/8 of the schedule). It steps below,
     # once per optimizer step, on every process alike.

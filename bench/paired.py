@@ -116,20 +116,22 @@ def main(argv=None) -> int:
     users = sorted(set.intersection(*(set(f.index) for f in frames.values())))
     scores, habits = {}, {}
     for run, f in frames.items():
+        # named as train.evaluate names the row, so that merged pairs of 1 and N orders differ
+        name = run if args.orders <= 1 else f"{run} × {args.orders} orders"
         llm, retr = per_user(f.loc[users].reset_index())
-        scores[run] = llm
-        habits[run] = position_habits(f.loc[users].reset_index())
+        scores[name] = llm
+        habits[name] = position_habits(f.loc[users].reset_index())
         scores.setdefault("retriever order", retr)
         if _is_residual(f):
             alone = llm_term(f.loc[users].reset_index())
-            scores[f"{run} (LLM term alone)"] = per_user(alone)[0]
-            habits[f"{run} (LLM term alone)"] = position_habits(alone)
+            scores[f"{name} (LLM term alone)"] = per_user(alone)[0]
+            habits[f"{name} (LLM term alone)"] = position_habits(alone)
         # λ was fitted on validation users: the same for every test sample
         fit = runs_root() / args.dataset / "finetune" / run / \
             f"fusion{prediction_suffix(orders=args.orders)}.json"
         if fit.exists() and "retriever_scores" in f:       # λ fitted on validation users
             lam = json.loads(fit.read_text())["lambda"]
-            scores[f"{run} + retriever prior"] = fused_per_user(f.loc[users].reset_index(), lam)
+            scores[f"{name} + retriever prior"] = fused_per_user(f.loc[users].reset_index(), lam)
     for spec in args.ensemble:
         members = spec.split(",")
         unknown = [m for m in members if m not in frames]

@@ -105,6 +105,22 @@ def test_merge_adds_pairs_and_replaces_only_the_same_pair_of_the_same_sample(run
     assert "old" not in {r["a"] for r in json.loads(out.read_text())}   # without --merge: replaced
 
 
+def test_pairs_of_several_orders_are_named_apart_from_the_runs_single_order(runs):
+    """--orders 2 reads the _o2 predictions and names the row as train.evaluate does, so a
+    merge keeps both the one-order and the two-order pair of the same run."""
+    folder = runs / "games" / "finetune" / "a"
+    flat = pd.read_parquet(folder / "test_predictions.parquet")
+    flat.assign(probs=[[0.1, 0.8, 0.1]] * 3).to_parquet(folder / "test_predictions_o2.parquet", index=False)
+    out = runs / "pairs.json"
+    assert paired.main(["--runs", "a", "--out", str(out), "--bootstrap", "100"]) == 0
+    assert paired.main(["--runs", "a", "--orders", "2", "--out", str(out), "--bootstrap", "100",
+                        "--merge"]) == 0
+    rows = {r["a"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"a", "a × 2 orders"}
+    assert rows["a × 2 orders"]["mean"] == pytest.approx(1 / np.log2(2) - 1 / np.log2(3))
+    assert rows["a"]["mean"] == pytest.approx((1 / np.log2(2) - 1 / np.log2(3)) / 3)
+
+
 def test_the_weight_curve_runs_from_the_llm_term_to_the_retrievers_order(monkeypatch, tmp_path, capsys):
     from bench import residual_weight
     monkeypatch.setenv("ULMREC_RUNS", str(tmp_path))

@@ -198,7 +198,8 @@ def train(cfg: FinetuneConfig) -> dict:
     cap = cfg.max_train_examples
     if cfg.max_steps:  # no need to tokenize examples the run will never reach
         # a run cut from a longer schedule keeps that run's examples (and so its data order)
-        need = max(cfg.max_steps, cfg.schedule_steps) * cfg.batch_size * cfg.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
+        need = (max(cfg.max_steps, cfg.schedule_steps) * cfg.batch_size * cfg.grad_accum
+                * int(os.environ.get("WORLD_SIZE", "1")))
         cap = min(cap, need) if cap else need
     if cap:
         examples = examples[:cap]

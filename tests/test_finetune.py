@@ -97,6 +97,19 @@ def test_init_from_starts_from_another_runs_weights(runs, tmp_path, capsys):
     assert "no adapter_model.safetensors" in capsys.readouterr().err
 
 
+def test_a_run_cut_from_a_longer_schedule_repeats_its_first_steps(runs):
+    """--max-steps 2 --schedule-steps 4: the 4-step run's examples, rates and step-2 validation."""
+    args = COMMON + ["--eval-every", "2", "--warmup-steps", "1"]
+    long = finetune.train(finetune.parse_config(finetune.FinetuneConfig, args + [
+        "--run-name", "sched-long", "--max-steps", "4"]))
+    cut = finetune.train(finetune.parse_config(finetune.FinetuneConfig, args + [
+        "--run-name", "sched-cut", "--max-steps", "2", "--schedule-steps", "4"]))
+    assert sum(cut["examples"].values()) == sum(long["examples"].values()) == 8
+    assert cut["lr"] == pytest.approx(long["lr"][:2])
+    # the step-2 validation: the same loss and the same scores
+    assert cut["history"][0] == pytest.approx(long["history"][0], rel=1e-4)
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])
 def test_lr_schedule_follows_its_shape_after_the_warmup(runs, schedule):
     import math

@@ -25,7 +25,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/paired.py` from anywhere
 
 from ulmrec.metrics import ndcg_per_user, order_habits, target_ranks  # noqa: E402
-from ulmrec.paths import atomic_write, prediction_suffix, runs_root  # noqa: E402
+from ulmrec.paths import atomic_write, orders_name, prediction_suffix, runs_root  # noqa: E402
 from ulmrec.report import markdown_table  # noqa: E402
 
 
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     scores, habits = {}, {}
     for run, f in frames.items():
         # named as train.evaluate names the row, so that merged pairs of 1 and N orders differ
-        name = run if args.orders <= 1 else f"{run} × {args.orders} orders"
+        name = orders_name(run, args.orders)
         llm, retr = per_user(f.loc[users].reset_index())
         scores[name] = llm
         habits[name] = position_habits(f.loc[users].reset_index())

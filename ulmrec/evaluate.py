@@ -28,7 +28,7 @@ from .data.release import RELEASE_INDEX_NOTE
 from .fusion import fit_lambda, fuse, log_softmax, ranked_scores
 from .metrics import order_habits, rank_and_overall, sample_eval_users, target_ranks
 from .model import score_orders
-from .paths import REPO_ROOT, atomic_write, prediction_suffix, repo_path, runs_root
+from .paths import REPO_ROOT, atomic_write, orders_name, prediction_suffix, repo_path, runs_root
 from .ranker import RankerConfig, load_base, load_candidates, load_ranker, load_task_inputs
 from .report import markdown_table
 from .tasks import TaskConfig, eval_examples
@@ -179,8 +179,7 @@ def run(cfg: EvaluateConfig, command: str = "") -> dict:
                                      fmt=scfg.prompt_format, max_len=scfg.max_len,
                                      batch_size=cfg.batch_size, n_letters=scfg.num_candidates,
                                      stats=stats)
-        if cfg.test_orders > 1:
-            name = f"{name} × {cfg.test_orders} orders"
+        name = orders_name(name, cfg.test_orders)
         retr = _retriever_scores(frame, examples, scfg.num_candidates)
         # a residual run ranks by the sum it was trained as; its LLM term gets a row beside it
         llm_alone = _evaluate_scores(frame, examples, scores.numpy()) if scfg.residual else None

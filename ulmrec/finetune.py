@@ -269,8 +269,8 @@ def train(cfg: FinetuneConfig) -> dict:
 
     def param_groups(model) -> list[dict]:
         groups = [{"params": list(m.parameters()), "lr": lr} for m, lr in own_rates]
-        taken = [p for g in groups for p in g["params"]]
-        rest = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in taken)]
+        taken = {id(p) for g in groups for p in g["params"]}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
         return [{"params": rest}] + groups
 
     loss_fn = partial(response_loss, letter_ids=letter_ids,

@@ -98,3 +98,8 @@ def prediction_suffix(no_history: bool = False, block: int = 0, orders: int = 1)
     second sample of test users), _o<orders> (scored over several candidate orders)."""
     return (("_uid" if no_history else "") + (f"_b{block}" if block else "")
             + (f"_o{orders}" if orders > 1 else ""))
+
+
+def orders_name(run: str, orders: int = 1) -> str:
+    """A system's row name when its lists were scored over several candidate orders."""
+    return run if orders <= 1 else f"{run} × {orders} orders"
